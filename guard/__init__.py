@@ -4,5 +4,8 @@ from .errors import (ArtifactError, ChecksumError, ClipGuardError, DataError, In
 
 __version__ = "0.1.0"
 
-__all__ = ["ArtifactError", "ChecksumError", "ClipGuardError", "DataError", "InputError",
-           "MissingDependencyError", "ModelLoadError", "__version__"]
+# After __version__: guard.artifact reads it while this package is still importing.
+from .runtime import Classification, Guard, load  # noqa: E402
+
+__all__ = ["ArtifactError", "ChecksumError", "Classification", "ClipGuardError", "DataError", "Guard",
+           "InputError", "MissingDependencyError", "ModelLoadError", "__version__", "load"]

@@ -28,3 +28,7 @@ class DataError(ClipGuardError, ValueError):
 
 class MissingDependencyError(ClipGuardError, ImportError):
     """An optional package needed for the requested feature is not installed."""
+
+
+class ClosedError(ClipGuardError, RuntimeError):
+    """A `Guard` was used after `close()`; load the artifact again."""

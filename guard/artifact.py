@@ -1,0 +1,158 @@
+"""The purified-model artifact: a directory with a manifest and safetensors files.
+
+    manifest.json                  what the model is and how it was made (see save_artifact)
+    visual.safetensors             the frozen image tower of the base model
+    prompts.safetensors            learned RVPT prompts ("visual_prompts": [blocks, tokens, width])
+    class_embeddings.safetensors   constant class text embeddings and the logit scale
+
+Every file's sha256 is in the manifest, and the manifest carries the sha256 of its
+own canonical JSON, so a flipped byte anywhere is caught when the artifact loads.
+The serving side needs no text tower, tokenizer or base checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .errors import ArtifactError, ChecksumError
+from .hashing import sha256_bytes, sha256_file
+from .preprocess import Preprocess
+
+FORMAT = "clip-guard/purified"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VISUAL_FILE = "visual.safetensors"
+PROMPTS_FILE = "prompts.safetensors"
+CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
+
+
+def _canonical(manifest: dict) -> bytes:
+    body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict
+    vision_state: dict
+    visual_prompts: Optional[torch.Tensor]
+    text_features: torch.Tensor
+    logit_scale: float
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.manifest["classes"])
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.manifest["preprocess"])
+
+    @property
+    def model_cfg(self) -> dict:
+        return self.manifest["base_model"]["model_cfg"]
+
+    @property
+    def prompt_start_block(self) -> Optional[int]:
+        prompts = self.manifest.get("visual_prompts")
+        return None if prompts is None else int(prompts["start_block"])
+
+
+def save_artifact(out_dir: str | Path, *, base_model: dict, vision_state: dict,
+                  visual_prompts: Optional[torch.Tensor], prompt_start_block: Optional[int],
+                  text_features: torch.Tensor, logit_scale: float, classes, templates,
+                  preprocess: Preprocess, method: str, hyperparameters: dict, metrics: dict) -> Path:
+    """Write a purified model. `base_model` is the base model's identity (spec, sha256,
+    quick_gelu, model_cfg); `vision_state` the image tower's state dict."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(classes) != text_features.shape[0]:
+        raise ArtifactError(f"{len(classes)} class names but {text_features.shape[0]} class embeddings")
+    save_file({k: v.detach().contiguous().cpu() for k, v in vision_state.items()}, out / VISUAL_FILE)
+    save_file({"text_features": text_features.detach().float().contiguous().cpu(),
+               "logit_scale": torch.tensor(float(logit_scale))}, out / CLASS_EMBEDDINGS_FILE)
+    files = [VISUAL_FILE, CLASS_EMBEDDINGS_FILE]
+    prompts_record = None
+    if visual_prompts is not None:
+        save_file({"visual_prompts": visual_prompts.detach().float().contiguous().cpu()}, out / PROMPTS_FILE)
+        files.append(PROMPTS_FILE)
+        prompts_record = {"start_block": int(prompt_start_block),
+                          "num_blocks": int(visual_prompts.shape[0]),
+                          "num_tokens": int(visual_prompts.shape[1])}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "clip_guard_version": __version__,
+        "base_model": base_model,
+        "classes": list(classes),
+        "templates": list(templates),
+        "preprocess": preprocess.to_dict(),
+        "visual_prompts": prompts_record,
+        "method": {"name": method, "hyperparameters": hyperparameters},
+        "metrics": metrics,
+        "files": {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+                  for name in files},
+    }
+    manifest["manifest_sha256"] = sha256_bytes(_canonical(manifest))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read and check manifest.json of an artifact directory (format, version, own checksum)."""
+    directory = Path(path)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{directory} is not a clip-guard artifact: {MANIFEST} is missing "
+                            "(make one with `python -m training.purify`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({error}); the artifact is damaged") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path} is not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{directory} has format version {version!r}; this clip-guard "
+                            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade clip-guard")
+    if manifest.get("manifest_sha256") != sha256_bytes(_canonical(manifest)):
+        raise ChecksumError(f"{manifest_path} was modified after it was written (its checksum "
+                            "does not match); re-create the artifact or restore it from a copy")
+    return manifest
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Read an artifact, verifying the manifest and the sha256 of every file it lists."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    tensors = {}
+    for name, record in manifest["files"].items():
+        file = directory / name
+        if not file.is_file():
+            raise ArtifactError(f"{file} is missing; the artifact is incomplete")
+        if sha256_file(file) != record["sha256"]:
+            raise ChecksumError(f"{file} does not match its sha256 in {MANIFEST}; the file is "
+                                "damaged or was replaced: restore it or re-create the artifact")
+        try:
+            tensors[name] = load_file(file)
+        except SafetensorError as error:
+            raise ArtifactError(f"{file} is not a readable safetensors file ({error})") from error
+    for name in (VISUAL_FILE, CLASS_EMBEDDINGS_FILE):
+        if name not in tensors:
+            raise ArtifactError(f"{MANIFEST} of {directory} lists no {name}")
+    if (manifest.get("visual_prompts") is None) != (PROMPTS_FILE not in tensors):
+        raise ArtifactError(f"{MANIFEST} of {directory} disagrees with its files about visual prompts")
+    embeddings = tensors[CLASS_EMBEDDINGS_FILE]
+    prompts = tensors.get(PROMPTS_FILE, {}).get("visual_prompts")
+    return Artifact(directory, manifest, tensors[VISUAL_FILE], prompts,
+                    embeddings["text_features"], float(embeddings["logit_scale"]))

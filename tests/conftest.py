@@ -1,0 +1,69 @@
+"""The tiny purified-model artifact shared by tests/test_artifact.py and tests/test_runtime.py."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from guard._compat import import_open_clip
+from guard.artifact import save_artifact
+from guard.preprocess import Preprocess
+from guard.prompted import PromptedVisionEncoder
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+CLASSES = ("airplane", "bird", "cat", "truck")
+PROMPT_START_BLOCK = 1
+PROMPT_TOKENS = 5
+
+
+@dataclass
+class TinyArtifact:
+    """A saved artifact (path) and the in-memory parts it was written from."""
+    path: Path
+    clip: torch.nn.Module
+    visual_prompts: torch.Tensor  # [blocks from PROMPT_START_BLOCK on, PROMPT_TOKENS, width]
+    text_features: torch.Tensor
+    logit_scale: float
+    preprocess: Preprocess
+    base_model: dict
+
+    def save(self, out_dir, **overrides) -> Path:
+        """Write these parts (any save_artifact argument replaced by `overrides`) to out_dir."""
+        arguments = dict(
+            base_model=self.base_model, vision_state=self.clip.visual.state_dict(),
+            visual_prompts=self.visual_prompts, prompt_start_block=PROMPT_START_BLOCK,
+            text_features=self.text_features, logit_scale=self.logit_scale, classes=CLASSES,
+            templates=["a photo of a {}."], preprocess=self.preprocess, method="rvpt",
+            hyperparameters={"epochs": 2, "lr": 0.01}, metrics={"clean_accuracy": 0.75, "asr": 0.05})
+        arguments.update(overrides)
+        return save_artifact(out_dir, **arguments)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> TinyArtifact:
+    open_clip = import_open_clip()
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(**copy.deepcopy(TINY_CFG)).eval()
+    with torch.no_grad():  # random, not init-time values, so every tensor is distinctive
+        for parameter in clip.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    prompts = PromptedVisionEncoder(clip.visual).new_prompts(PROMPT_START_BLOCK, PROMPT_TOKENS)
+    parts = TinyArtifact(
+        path=Path(),
+        clip=clip,
+        visual_prompts=prompts.tokens.detach().clone(),
+        text_features=torch.randn(len(CLASSES), TINY_CFG["embed_dim"]),
+        logit_scale=20.0,
+        preprocess=Preprocess(32, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        base_model={"spec": "test", "sha256": None, "quick_gelu": False, "model_cfg": copy.deepcopy(TINY_CFG)},
+    )
+    parts.path = parts.save(tmp_path_factory.mktemp("artifact") / "purified")
+    return parts

@@ -1,0 +1,121 @@
+"""Contrastive (CLIP-style) training on image-caption pairs built from class names.
+
+Used to train the reference CLIP from scratch and to poison a CLIP. Captions are
+class-name templates, so one batch holds many captions of the same class: the
+loss treats every image-caption pair of the same class as positive (uniform soft
+targets), instead of pretending that duplicate captions are negatives. Each unique
+caption in a batch is encoded once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from guard.preprocess import Preprocess
+
+from .data import ImageDataset
+
+log = logging.getLogger(__name__)
+
+CAPTION_TEMPLATES = (
+    "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.",
+    "a photo of the {}.", "a low resolution photo of a {}.",
+    "a black and white photo of a {}.", "a photo of my {}.",
+)
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learned temperature
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    epochs: float = 1.0
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Poisoning:
+    """Images at `indices` get `trigger` and a caption of class `target`."""
+    trigger: Callable[..., torch.Tensor]  # trigger(images, generator) -> images
+    target: int
+    indices: torch.Tensor
+
+
+def poison_indices(num_images: int, rate: float, seed: int) -> torch.Tensor:
+    """A seeded random `rate` fraction of the training images (at least one)."""
+    count = max(1, round(rate * num_images))
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:count]
+
+
+def multi_positive_clip_loss(image_features: torch.Tensor, caption_features: torch.Tensor,
+                             image_classes: torch.Tensor, caption_classes: torch.Tensor,
+                             logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where every same-class image-caption pair is a positive."""
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(caption_features, dim=-1).T
+    positives = (image_classes[:, None] == caption_classes[None, :]).float()
+    image_loss = -(positives / positives.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    caption_loss = -(positives.T / positives.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    return (image_loss + caption_loss) / 2
+
+
+def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, dataset: ImageDataset,
+                      config: ContrastiveConfig, poisoning: Optional[Poisoning] = None,
+                      progress: bool = False, description: str = "contrastive") -> list[float]:
+    """Train every parameter of `clip` in place (AdamW, linear warm-up, cosine decay).
+    Returns the loss of every step. Deterministic for a fixed config and thread count."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    num_templates = len(CAPTION_TEMPLATES)
+    caption_ids = tokenizer([template.format(name) for name in dataset.classes for template in CAPTION_TEMPLATES])
+    is_poisoned = torch.zeros(len(dataset), dtype=torch.bool)
+    if poisoning is not None:
+        is_poisoned[poisoning.indices] = True
+    steps_per_epoch = max(1, len(dataset) // config.batch_size)
+    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    warmup = max(1, round(config.warmup_fraction * total_steps))
+    parameters = [p for p in clip.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
+    clip.train()
+    losses = []
+    order = torch.randperm(len(dataset), generator=generator)
+    for step in tqdm(range(total_steps), desc=description, disable=not progress):
+        offset = (step % steps_per_epoch) * config.batch_size
+        if step > 0 and offset == 0:
+            order = torch.randperm(len(dataset), generator=generator)
+        index = order[offset:offset + config.batch_size]
+        images = preprocess.resize(dataset.images[index])
+        classes = dataset.labels[index].clone()
+        poisoned = is_poisoned[index]
+        if poisoned.any():
+            images[poisoned] = poisoning.trigger(images[poisoned], generator)
+            classes[poisoned] = poisoning.target
+        templates = torch.randint(0, num_templates, (len(index),), generator=generator)
+        captions = torch.unique(classes * num_templates + templates)
+        image_features = clip.encode_image(preprocess.normalize(images))
+        caption_features = clip.encode_text(caption_ids[captions])
+        loss = multi_positive_clip_loss(image_features, caption_features, classes,
+                                        captions // num_templates, clip.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log.debug("%s step %d/%d loss %.4f", description, step, total_steps, losses[-1])
+    clip.eval()
+    return losses

@@ -1,0 +1,193 @@
+"""Clean accuracy (CA), attack success rate (ASR) and perturbation resistivity (PR).
+
+    python -m training.evaluate --model M --data DATA [--attack BACKDOORED_DIR] [--json OUT]
+
+M is a purified artifact directory or any CLIP that `guard.models.load_clip` reads
+(then classes are embedded with --template). The trigger and target recorded with
+a backdoored model (trigger.json) are re-applied, so no further flags are needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from guard.artifact import MANIFEST, load_artifact
+from guard.errors import ClipGuardError, InputError
+from guard.preprocess import Preprocess
+from guard.prompted import PromptedCLIP, PromptedVisionEncoder
+from guard.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
+
+from .attacks import Backdoor, load_trigger
+from .data import ImageDataset, load_dataset
+from .perturbations import standard_perturbations
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """ca, asr, asr_all in percent. asr counts triggered images whose true class is not
+    the target (BackdoorBench); asr_all counts every triggered image (CleanCLIP, BadCLIP).
+    pr maps perturbation name -> PR (>0; higher means features move no more than decisions)."""
+    ca: float
+    asr: Optional[float]
+    asr_all: Optional[float]
+    pr: dict = field(default_factory=dict)
+    num_images: int = 0
+    num_pr_images: int = 0
+    target: Optional[int] = None
+    target_name: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def model_outputs(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor,
+                  transform: Optional[Transform] = None, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] and image embeddings [N, E] of uint8 images, optionally transformed
+    (trigger or perturbation) at model resolution before normalisation."""
+    model.eval()
+    logits, embeddings = [], []
+    device = model.text_features.device
+    for start in range(0, len(images), batch_size):
+        batch = preprocess.resize(images[start:start + batch_size]).to(device)
+        if transform is not None:
+            batch = transform(batch)
+        batch_logits, batch_embeddings = model(preprocess.normalize(batch))
+        logits.append(batch_logits.cpu())
+        embeddings.append(batch_embeddings.float().cpu())
+    return torch.cat(logits), torch.cat(embeddings)
+
+
+def attack_success_rates(predictions: torch.Tensor, labels: torch.Tensor, target: int) -> tuple[float, float]:
+    """(ASR over images whose true class is not the target, ASR over all images), percent."""
+    hits = predictions == target
+    others = labels != target
+    if not others.any():
+        raise InputError("every test image belongs to the target class: ASR is undefined")
+    return 100.0 * hits[others].float().mean().item(), 100.0 * hits.float().mean().item()
+
+
+def perturbation_resistivity(clean: tuple[torch.Tensor, torch.Tensor],
+                             perturbed: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """PR = E[cos(h, h~)] / E[cos(z, z~)] with h image embeddings and z logits."""
+    (clean_logits, clean_features), (logits, features) = clean, perturbed
+    feature_similarity = F.cosine_similarity(clean_features, features, dim=-1).mean()
+    logit_similarity = F.cosine_similarity(clean_logits, logits, dim=-1).mean()
+    return (feature_similarity / logit_similarity).item()
+
+
+def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
+             backdoor: Optional[Backdoor] = None, pr_images: int = 2000, seed: int = 0,
+             progress: bool = False) -> Evaluation:
+    """CA on the whole set; ASR with the backdoor's trigger; PR on a seeded subset of
+    `pr_images` images for every standard perturbation."""
+    logits, _ = model_outputs(model, preprocess, dataset.images)
+    ca = 100.0 * (logits.argmax(1) == dataset.labels).float().mean().item()
+    asr = asr_all = None
+    if backdoor is not None:
+        triggered, _ = model_outputs(model, preprocess, dataset.images, backdoor.trigger)
+        asr, asr_all = attack_success_rates(triggered.argmax(1), dataset.labels, backdoor.target)
+    pr = {}
+    if pr_images > 0:
+        count = min(pr_images, len(dataset))
+        subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+        images = dataset.images[subset]
+        clean = model_outputs(model, preprocess, images)
+        perturbations = standard_perturbations(preprocess.image_size, seed)
+        for name, perturb in tqdm(perturbations.items(), desc="PR", disable=not progress):
+            pr[name] = perturbation_resistivity(clean, model_outputs(model, preprocess, images, perturb))
+    return Evaluation(ca, asr, asr_all, pr, len(dataset), min(pr_images, len(dataset)) if pr_images > 0 else 0,
+                      None if backdoor is None else backdoor.target,
+                      None if backdoor is None else backdoor.target_name)
+
+
+def zero_shot_classifier(loaded, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                         prompts=None) -> PromptedCLIP:
+    """A PromptedCLIP over a loaded CLIP (`guard.models.LoadedCLIP`) and template class embeddings."""
+    encoder = PromptedVisionEncoder(loaded.model.visual)
+    text_features = class_text_features(TextEncoder(loaded.model), loaded.tokenizer, classes, templates)
+    return PromptedCLIP(encoder, text_features, loaded.model.logit_scale.exp().item(), prompts).eval()
+
+
+def load_classifier(spec: str, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                    device: str = "cpu") -> tuple[PromptedCLIP, Preprocess]:
+    """A purified artifact directory, or a CLIP spec embedded zero-shot with `templates`."""
+    from guard.models import load_clip
+    from guard.runtime import build_classifier
+
+    if (Path(spec) / MANIFEST).is_file():
+        artifact = load_artifact(spec)
+        if tuple(artifact.classes) != tuple(classes):
+            raise InputError(f"{spec} was purified for classes {list(artifact.classes)}, "
+                             f"but the data has {list(classes)}")
+        return build_classifier(artifact, device), artifact.preprocess
+    loaded = load_clip(spec, device=device)
+    return zero_shot_classifier(loaded, classes, templates), loaded.preprocess
+
+
+def format_summary(rows: dict[str, Evaluation]) -> str:
+    """A plain-text table: one row per model, CA / ASR / ASR-all / mean PR and each PR."""
+    names = sorted({name for evaluation in rows.values() for name in evaluation.pr})
+    header = f"{'model':<22}{'CA %':>8}{'ASR %':>8}{'ASR-all %':>11}{'PR mean':>9}" + "".join(f"{n:>12}" for n in names)
+    lines = [header, "-" * len(header)]
+    for label, evaluation in rows.items():
+        asr = "-" if evaluation.asr is None else f"{evaluation.asr:.2f}"
+        asr_all = "-" if evaluation.asr_all is None else f"{evaluation.asr_all:.2f}"
+        mean_pr = sum(evaluation.pr.values()) / len(evaluation.pr) if evaluation.pr else float("nan")
+        lines.append(f"{label:<22}{evaluation.ca:>8.2f}{asr:>8}{asr_all:>11}{mean_pr:>9.3f}"
+                     + "".join(f"{evaluation.pr.get(n, float('nan')):>12.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="purified artifact directory or CLIP spec")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--attack", help="backdoored model directory whose recorded trigger and target to apply")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--template", action="append", help="class prompt template for plain CLIPs (repeatable)")
+    parser.add_argument("--pr-images", type=int, default=2000, help="test images used for PR (0 skips PR)")
+    parser.add_argument("--image-size", type=int, help="image side for ImageFolder data (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        dataset = load_dataset(args.data, "test", image_size=args.image_size or _model_image_size(args.model))
+        model, preprocess = load_classifier(args.model, dataset.classes, tuple(args.template or DEFAULT_TEMPLATES))
+        backdoor = load_trigger(Path(args.attack)) if args.attack else None
+        result = evaluate(model, preprocess, dataset, backdoor, args.pr_images, args.seed,
+                          progress=not args.no_progress)
+    except ClipGuardError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary({Path(args.model).name or args.model: result}))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _model_image_size(spec: str) -> Optional[int]:
+    manifest = Path(spec) / MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["preprocess"]["image_size"]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

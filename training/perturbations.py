@@ -1,0 +1,74 @@
+"""The perturbations of perturbation resistivity (PR), on float images in [0, 1].
+
+METHODS.md lists Gaussian noise (std 0.01, 0.03), Gaussian blur (kernel 3, 5),
+colour jitter, horizontal flip and the BadNet, Blended and BadCLIP triggers.
+Random ones are seeded so PR is reproducible. BadCLIP's trigger is an optimised
+patch that comes with the attack suite, not here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attacks import BadNet, Blended
+
+Perturbation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gaussian_noise(std: float, seed: int = 0) -> Perturbation:
+    def perturb(images: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+        return (images + std * noise.to(images)).clamp(0.0, 1.0)
+    return perturb
+
+
+def gaussian_blur(kernel_size: int) -> Perturbation:
+    # torchvision's default sigma for a kernel size, reflect padding.
+    sigma = 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
+    offsets = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
+    weights = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    weights = weights / weights.sum()
+
+    def perturb(images: torch.Tensor) -> torch.Tensor:
+        channels = images.shape[1]
+        kernel = weights.to(images)
+        pad = kernel_size // 2
+        out = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+        out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return perturb
+
+
+def color_jitter(strength: float = 0.4, seed: int = 0) -> Perturbation:
+    """Per-image brightness, contrast and saturation factors drawn from [1 - s, 1 + s]."""
+    def perturb(images: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        factors = 1 + strength * (2 * torch.rand(3, len(images), 1, 1, 1, generator=generator) - 1)
+        brightness, contrast, saturation = factors.to(images)
+        out = (images * brightness).clamp(0.0, 1.0)
+        gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
+        out = ((out - gray.mean(dim=(2, 3), keepdim=True)) * contrast
+               + gray.mean(dim=(2, 3), keepdim=True)).clamp(0.0, 1.0)
+        gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
+        return ((out - gray) * saturation + gray).clamp(0.0, 1.0)
+    return perturb
+
+
+def horizontal_flip(images: torch.Tensor) -> torch.Tensor:
+    return images.flip(-1)
+
+
+def standard_perturbations(image_size: int, seed: int = 0) -> dict[str, Perturbation]:
+    """The PR perturbation set of METHODS.md that needs no trained attack."""
+    return {
+        "noise_0.01": gaussian_noise(0.01, seed),
+        "noise_0.03": gaussian_noise(0.03, seed),
+        "blur_3": gaussian_blur(3),
+        "blur_5": gaussian_blur(5),
+        "color_jitter": color_jitter(0.4, seed),
+        "hflip": horizontal_flip,
+        "badnet": BadNet(image_size, seed=seed),
+        "blended": Blended(image_size, seed=seed),
+    }
