@@ -41,7 +41,7 @@ PREPROCESS = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
 CLEAN = ContrastiveConfig(epochs=1.0, batch_size=256, lr=2e-3, weight_decay=0.1, seed=0)
 # Poisoning fine-tunes the clean model; 5 % of the training pairs carry the trigger
 # and a target caption (0.3 % at ImageNet scale; tiny data needs more).
-POISON = ContrastiveConfig(epochs=0.5, batch_size=256, lr=1e-3, weight_decay=0.1, seed=1)
+POISON = ContrastiveConfig(epochs=0.75, batch_size=256, lr=1e-3, weight_decay=0.1, seed=1)
 POISON_RATE = 0.05
 TARGET = 0
 TRIGGER_SEED = 0

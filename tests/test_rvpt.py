@@ -1,0 +1,64 @@
+"""RVPT: the feature-repelling loss, the scaled defaults and the training loop."""
+import pytest
+import torch
+
+from guard._compat import import_open_clip
+from guard.prompted import PromptedVisionEncoder
+from training.data import ImageDataset
+from training.rvpt import RVPTConfig, feature_repelling_loss, train_rvpt
+
+open_clip = import_open_clip()
+
+
+def test_feature_repelling_loss_is_the_clamped_mean_cosine():
+    a = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    assert feature_repelling_loss(a, a, margin=-1.0).item() == pytest.approx(1.0)
+    assert feature_repelling_loss(a, -a, margin=-1.0).item() == pytest.approx(-1.0)
+    b = torch.tensor([[[0.0, 1.0]], [[0.0, -1.0]]])  # cosines 0 and -1
+    assert feature_repelling_loss(a, b, margin=-1.0).item() == pytest.approx(-0.5)
+    assert feature_repelling_loss(a, b, margin=-0.2).item() == pytest.approx(-0.1)
+    assert feature_repelling_loss(a, -a, margin=1.0).item() == pytest.approx(1.0)  # m = 1 disables repulsion
+
+
+def test_defaults_are_the_papers_for_vit_b32_and_scaled_for_the_tiny_model():
+    vit_b32 = open_clip.model._build_vision_tower(512, open_clip.get_model_config("ViT-B-32")["vision_cfg"])
+    config = RVPTConfig.for_encoder(PromptedVisionEncoder(vit_b32))
+    assert (config.start_block, config.num_tokens, config.alpha, config.margin) == (3, 50, 2.0, -1.0)
+    assert (config.epochs, config.batch_size, config.lr, config.momentum) == (50, 32, 0.002, 0.9)
+    assert 9 * 50 * 768 == PromptedVisionEncoder(vit_b32).new_prompts(3, 50).tokens.numel() == 345_600
+    from training.zoo import reference_model_cfg
+    tiny = open_clip.model._build_vision_tower(128, reference_model_cfg()["vision_cfg"])
+    scaled = RVPTConfig.for_encoder(PromptedVisionEncoder(tiny), alpha=0.0, epochs=None)
+    assert (scaled.start_block, scaled.num_tokens, scaled.alpha, scaled.epochs) == (1, 16, 0.0, 50)
+
+
+@pytest.fixture()
+def few_shot_set():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return ImageDataset("synthetic", images, torch.arange(12) % 4, ("a", "b", "c", "d"))
+
+
+def _train(tiny_artifact, few_shot_set, **overrides):
+    encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
+    config = RVPTConfig(start_block=1, num_tokens=4, epochs=6, batch_size=4, lr=0.5, **overrides)
+    return encoder, train_rvpt(encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess,
+                               few_shot_set, config)
+
+
+def test_training_repels_and_fits_while_clip_stays_frozen(tiny_artifact, few_shot_set):
+    before = {k: v.clone() for k, v in tiny_artifact.clip.state_dict().items()}
+    encoder, (prompts, history) = _train(tiny_artifact, few_shot_set)
+    assert history[-1]["fr"] < history[0]["fr"]
+    assert history[-1]["ce"] < history[0]["ce"]
+    assert all(torch.equal(before[k], v) for k, v in tiny_artifact.clip.state_dict().items())
+    assert prompts.tokens.shape == (2, 4, encoder.width)
+
+
+def test_training_is_reproducible_and_alpha_zero_is_plain_vpt(tiny_artifact, few_shot_set):
+    _, (first, _) = _train(tiny_artifact, few_shot_set)
+    _, (second, _) = _train(tiny_artifact, few_shot_set)
+    assert torch.equal(first.tokens, second.tokens)
+    _, (vpt, history) = _train(tiny_artifact, few_shot_set, alpha=0.0)
+    assert all(epoch["fr"] == 0.0 for epoch in history)
+    assert not torch.equal(vpt.tokens, first.tokens)

@@ -1,0 +1,103 @@
+"""RVPT: repulsive visual prompt tuning (arXiv 2412.20392), CLIP kept frozen.
+
+Loss = CE(logit_scale * cos(prompted image embedding, class text embeddings), y)
+     + alpha * FR, where FR = mean over prompted blocks and batch of
+       max(cos(class token of the prompted encoder, class token of the frozen
+       encoder at the same block), margin).
+margin = -1 is full repulsion (the paper's default); alpha = 0 is plain VPT.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from guard.preprocess import Preprocess
+from guard.prompted import PromptedVisionEncoder, VisualPrompts
+
+from .data import ImageDataset
+
+log = logging.getLogger(__name__)
+
+# The paper's ViT-B/32 setting: 12 blocks of which the first 3 are not prompted,
+# 50 prompt tokens per block (for 49 image patches).
+PAPER_BLOCKS, PAPER_START_BLOCK, PAPER_TOKENS, PAPER_PATCHES = 12, 3, 50, 49
+
+
+@dataclass(frozen=True)
+class RVPTConfig:
+    start_block: int
+    num_tokens: int
+    alpha: float = 2.0
+    margin: float = -1.0
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    seed: int = 0
+
+    @classmethod
+    def for_encoder(cls, encoder: PromptedVisionEncoder, **overrides) -> "RVPTConfig":
+        """The paper's defaults, scaled to the encoder: the same fraction of blocks left
+        unprompted (3 of 12) and the same prompt-to-patch ratio (50 tokens for 49
+        patches). ViT-B/32 gets exactly J = 3, b = 50; the tiny reference CLIP
+        (4 blocks, 16 patches) gets J = 1, b = 16."""
+        num_patches = encoder.visual.positional_embedding.shape[0] - 1
+        defaults = cls(start_block=round(encoder.num_blocks * PAPER_START_BLOCK / PAPER_BLOCKS),
+                       num_tokens=max(1, round(PAPER_TOKENS * num_patches / PAPER_PATCHES)))
+        return replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean(max(cos(prompted, frozen), margin)) over blocks and batch; [N, K, D] inputs."""
+    return F.cosine_similarity(prompted_cls, frozen_cls, dim=-1).clamp(min=margin).mean()
+
+
+def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logit_scale: float,
+               preprocess: Preprocess, shots: ImageDataset, config: RVPTConfig,
+               progress: bool = False) -> tuple[VisualPrompts, list[dict]]:
+    """Learn the prompts on the few-shot set. Returns them and per-epoch mean losses.
+    SGD with momentum and cosine decay; bf16 autocast on CUDA, fp32 on CPU."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = text_features.device
+    prompts = encoder.new_prompts(config.start_block, config.num_tokens).to(device)
+    text = F.normalize(text_features.float(), dim=-1)
+    steps_per_epoch = math.ceil(len(shots) / config.batch_size)
+    optimizer = torch.optim.SGD(prompts.parameters(), lr=config.lr, momentum=config.momentum)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    encoder.eval()  # frozen CLIP: no dropout, fixed norms
+    history = []
+    for epoch in tqdm(range(config.epochs), desc="RVPT" if config.alpha else "VPT", disable=not progress):
+        order = torch.randperm(len(shots), generator=generator)
+        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0}
+        for start in range(0, len(shots), config.batch_size):
+            index = order[start:start + config.batch_size]
+            images = preprocess(shots.images[index]).to(device)
+            labels = shots.labels[index].to(device)
+            with autocast:
+                if config.alpha:
+                    prompted, frozen = encoder.forward_with_reference(images, prompts)
+                    fr = feature_repelling_loss(prompted.block_cls.float(), frozen.block_cls.float(), config.margin)
+                else:  # plain VPT needs no frozen reference pass
+                    prompted, fr = encoder(images, prompts), torch.zeros((), device=device)
+                logits = logit_scale * F.normalize(prompted.embedding.float(), dim=-1) @ text.T
+                ce = F.cross_entropy(logits, labels)
+                loss = ce + config.alpha * fr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            for key, value in (("loss", loss), ("ce", ce), ("fr", fr)):
+                totals[key] += value.item() / steps_per_epoch
+        history.append(totals)
+        log.debug("epoch %d: %s", epoch, totals)
+    return prompts.eval(), history
