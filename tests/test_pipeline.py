@@ -1,0 +1,109 @@
+"""End to end on the reference benchmark: zoo -> purify -> artifact -> guard.load / evaluate.
+
+Trains the real reference models (about 3 minutes on 2 cores), so it is marked slow;
+CI runs it. Set CLIP_GUARD_TEST_ZOO to a directory to reuse a built zoo across runs.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import guard
+from training import evaluate as evaluate_cli
+from training import purify as purify_cli
+from training.attacks import load_trigger
+from training.data import load_dataset
+from training.evaluate import model_outputs
+from training.zoo import ZOO_JSON, build_zoo
+
+pytestmark = pytest.mark.slow
+PR_NAMES = {"noise_0.01", "noise_0.03", "blur_3", "blur_5", "color_jitter", "hflip", "badnet", "blended"}
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist") and not os.environ.get("CLIP_GUARD_REQUIRE_DATA"):
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    directory = os.environ.get("CLIP_GUARD_TEST_ZOO") or tmp_path_factory.mktemp("zoo")
+    return build_zoo(directory)
+
+
+@pytest.fixture(scope="session")
+def purified(zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("purified") / "rvpt"
+    metrics = out.parent / "metrics.json"
+    code = purify_cli.main(["--model", str(zoo["badnet"]), "--data", "fashion-mnist", "--shots", "16",
+                            "--out", str(out), "--json", str(metrics), "--pr-images", "1000", "--no-progress"])
+    assert code == 0
+    return out, json.loads(metrics.read_text())
+
+
+def _record(directory):
+    return json.loads((directory / ZOO_JSON).read_text())
+
+
+def test_reference_models_meet_their_targets(zoo):
+    clean, backdoored = _record(zoo["clean"])["metrics"], _record(zoo["badnet"])["metrics"]
+    assert clean["ca"] >= 80.0
+    assert backdoored["asr"] >= 95.0
+    assert abs(backdoored["ca"] - clean["ca"]) <= 3.0
+    assert backdoored["target_name"] == "t-shirt"
+
+
+def test_zoo_is_cached(zoo):
+    stamps = {name: (path / "open_clip_model.safetensors").stat().st_mtime_ns for name, path in zoo.items()}
+    rebuilt = build_zoo(zoo["clean"].parent)
+    assert {name: (path / "open_clip_model.safetensors").stat().st_mtime_ns for name, path in rebuilt.items()} == stamps
+
+
+def test_purified_artifact_serves_what_training_measured(zoo, purified):
+    out, metrics = purified
+    test = load_dataset("fashion-mnist", "test")
+    backdoor = load_trigger(zoo["badnet"])
+    with guard.load(out) as served:
+        assert served.classes == test.classes
+        images = served.preprocess.resize(test.images[:64])
+        served_logits = served.logits(list(images))
+        triggered = [result.index for result in served.classify(list(backdoor.trigger(images)))]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["after"]["ca"] == pytest.approx(metrics["after"]["ca"])
+    assert manifest["base_model"]["sha256"] and manifest["method"]["name"] == "rvpt"
+    # the runtime's own preprocessing path agrees with the evaluation path
+    from guard.artifact import load_artifact
+    from guard.runtime import build_classifier
+    reference, _ = model_outputs(build_classifier(load_artifact(out)), served.preprocess, test.images[:64])
+    torch.testing.assert_close(served_logits, reference, atol=1e-4, rtol=1e-4)
+    reference_triggered, _ = model_outputs(build_classifier(load_artifact(out)), served.preprocess,
+                                           test.images[:64], backdoor.trigger)
+    assert triggered == reference_triggered.argmax(1).tolist()
+
+
+def test_purification_summary_reports_before_and_after(purified):
+    _, metrics = purified
+    for stage in ("before", "after"):
+        assert set(metrics[stage]["pr"]) == PR_NAMES
+        assert 0 <= metrics[stage]["asr"] <= metrics[stage]["asr_all"] + 10
+    assert metrics["before"]["asr"] >= 95.0
+
+
+def test_evaluate_cli_writes_the_documented_json(zoo, purified, tmp_path):
+    out, metrics = purified
+    result_path = tmp_path / "eval.json"
+    code = evaluate_cli.main(["--model", str(out), "--data", "fashion-mnist", "--attack", str(zoo["badnet"]),
+                              "--json", str(result_path), "--pr-images", "1000", "--no-progress"])
+    assert code == 0
+    result = json.loads(result_path.read_text())
+    assert {"ca", "asr", "asr_all", "pr"} <= set(result)
+    assert set(result["pr"]) == PR_NAMES
+    # evaluating the saved artifact reproduces what purify measured in memory
+    assert result["ca"] == pytest.approx(metrics["after"]["ca"], abs=1e-6)
+    assert result["asr"] == pytest.approx(metrics["after"]["asr"], abs=1e-6)
+    for name in PR_NAMES:
+        assert result["pr"][name] == pytest.approx(metrics["after"]["pr"][name], rel=1e-4)
+
+
+def test_command_line_errors_exit_2(tmp_path, capsys):
+    assert purify_cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert evaluate_cli.main(["--model", str(tmp_path / "missing"), "--data", "digits"]) == 2
