@@ -141,14 +141,17 @@ def load_classifier(spec: str, classes: Sequence[str], templates: Sequence[str] 
 def format_summary(rows: dict[str, Evaluation]) -> str:
     """A plain-text table: one row per model, CA / ASR / ASR-all / mean PR and each PR."""
     names = sorted({name for evaluation in rows.values() for name in evaluation.pr})
-    header = f"{'model':<22}{'CA %':>8}{'ASR %':>8}{'ASR-all %':>11}{'PR mean':>9}" + "".join(f"{n:>12}" for n in names)
+    widths = [max(8, len(name) + 2) for name in names]
+    header = (f"{'model':<22}{'CA %':>8}{'ASR %':>8}{'ASR-all %':>11}{'PR mean':>9}"
+              + "".join(f"{name:>{width}}" for name, width in zip(names, widths)))
     lines = [header, "-" * len(header)]
     for label, evaluation in rows.items():
         asr = "-" if evaluation.asr is None else f"{evaluation.asr:.2f}"
         asr_all = "-" if evaluation.asr_all is None else f"{evaluation.asr_all:.2f}"
         mean_pr = sum(evaluation.pr.values()) / len(evaluation.pr) if evaluation.pr else float("nan")
         lines.append(f"{label:<22}{evaluation.ca:>8.2f}{asr:>8}{asr_all:>11}{mean_pr:>9.3f}"
-                     + "".join(f"{evaluation.pr.get(n, float('nan')):>12.3f}" for n in names))
+                     + "".join(f"{evaluation.pr.get(name, float('nan')):>{width}.3f}"
+                               for name, width in zip(names, widths)))
     return "\n".join(lines)
 
 

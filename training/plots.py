@@ -26,7 +26,7 @@ def plot_summary(rows: dict[str, Evaluation], out: str | Path) -> Path:
     perturbations = sorted({p for evaluation in rows.values() for p in evaluation.pr})
     for name in names:
         lines.plot(perturbations, [rows[name].pr.get(p, float("nan")) for p in perturbations], marker="o", label=name)
-    lines.set_title("perturbation resistivity (higher: features move no more than decisions)")
+    lines.set_title("perturbation resistivity (PR)")
     lines.set_ylabel("PR")
     lines.tick_params(axis="x", rotation=45)
     lines.legend()
