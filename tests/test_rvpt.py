@@ -29,7 +29,7 @@ def test_defaults_are_the_papers_for_vit_b32_and_scaled_for_the_tiny_model():
     from training.zoo import reference_model_cfg
     tiny = open_clip.model._build_vision_tower(128, reference_model_cfg()["vision_cfg"])
     scaled = RVPTConfig.for_encoder(PromptedVisionEncoder(tiny), alpha=0.0, epochs=None)
-    assert (scaled.start_block, scaled.num_tokens, scaled.alpha, scaled.epochs) == (1, 16, 0.0, 50)
+    assert (scaled.start_block, scaled.num_tokens, scaled.alpha, scaled.epochs) == (0, 16, 0.0, 50)
 
 
 @pytest.fixture()
