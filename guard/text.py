@@ -97,11 +97,11 @@ class ClassContext(nn.Module):
         length = text_encoder.context_length
         ids = torch.zeros(len(class_names), length, dtype=torch.long)
         positions = torch.zeros(len(class_names), num_context, dtype=torch.long)
+        half = num_context // 2
+        before, after = {"end": (num_context, 0), "front": (0, num_context),
+                         "middle": (half, num_context - half)}[position]  # context tokens around the name
         for row, name in enumerate(class_names):
             name_ids = tokenizer.encode(name)
-            half = num_context // 2
-            before, after = {"end": (num_context, 0), "front": (0, num_context),
-                             "middle": (half, num_context - half)}[position]
             sequence = ([tokenizer.sot_token_id] + [placeholder] * before + name_ids
                         + [placeholder] * after + period + [tokenizer.eot_token_id])
             if len(sequence) > length:

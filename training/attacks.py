@@ -26,7 +26,27 @@ def scaled(size_at_224: float, image_size: int) -> int:
     return max(1, math.ceil(size_at_224 * image_size / REFERENCE_SIDE))
 
 
-class BadNet:
+class Trigger:
+    """What every trigger offers: a `name`, `params()` and `tensors()` that
+    `save_trigger` records, and `apply(images, generator)` on float images
+    [N, 3, S, S] in [0, 1]. Calling a trigger applies it."""
+
+    name: str
+
+    def params(self) -> dict:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(images, generator)
+
+
+class BadNet(Trigger):
     """BadNet: a square of random noise (16 px at 224 px) pasted onto the image.
 
     METHODS.md says "at a random position". Two readings, both available:
@@ -84,11 +104,8 @@ class BadNet:
             out[index, :, row:row + size, col:col + size] = pattern
         return out
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.apply(images, generator)
 
-
-class Blended:
+class Blended(Trigger):
     """Blended: x' = (1 - alpha) x + alpha * pattern, one fixed full-image pattern.
     BackdoorBench blends a fixed picture; here the pattern is uniform noise fixed by `seed`."""
 
@@ -118,9 +135,6 @@ class Blended:
         pattern = self.pattern.to(images.device, images.dtype)
         return (1.0 - self.alpha) * images + self.alpha * pattern
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.apply(images, generator)
-
 
 def _check_images(images: torch.Tensor, image_size: int) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (image_size, image_size):
@@ -131,7 +145,7 @@ def _check_images(images: torch.Tensor, image_size: int) -> None:
 ATTACKS = {BadNet.name: BadNet, Blended.name: Blended}
 
 
-def save_trigger(trigger, directory: Path, target: int, target_name: str, extra: dict | None = None) -> None:
+def save_trigger(trigger: Trigger, directory: Path, target: int, target_name: str, extra: dict | None = None) -> None:
     """Write trigger.json (attack, parameters, target, checksum) and trigger.safetensors."""
     from safetensors.torch import save_file
 
@@ -146,7 +160,7 @@ def save_trigger(trigger, directory: Path, target: int, target_name: str, extra:
 @dataclass(frozen=True)
 class Backdoor:
     """What evaluation needs to measure a backdoor: the trigger and the target class."""
-    trigger: BadNet | Blended
+    trigger: Trigger
     target: int
     target_name: str
 

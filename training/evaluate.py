@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from guard.artifact import MANIFEST, load_artifact
+from guard.artifact import MANIFEST, load_artifact, read_manifest
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder
@@ -101,15 +101,15 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
         triggered, _ = model_outputs(model, preprocess, dataset.images, backdoor.trigger)
         asr, asr_all = attack_success_rates(triggered.argmax(1), dataset.labels, backdoor.target)
     pr = {}
-    if pr_images > 0:
-        count = min(pr_images, len(dataset))
-        subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    pr_count = min(max(pr_images, 0), len(dataset))
+    if pr_count:
+        subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:pr_count]
         images = dataset.images[subset]
         clean = model_outputs(model, preprocess, images)
         perturbations = standard_perturbations(preprocess.image_size, seed)
         for name, perturb in tqdm(perturbations.items(), desc="PR", disable=not progress):
             pr[name] = perturbation_resistivity(clean, model_outputs(model, preprocess, images, perturb))
-    return Evaluation(ca, asr, asr_all, pr, len(dataset), min(pr_images, len(dataset)) if pr_images > 0 else 0,
+    return Evaluation(ca, asr, asr_all, pr, len(dataset), pr_count,
                       None if backdoor is None else backdoor.target,
                       None if backdoor is None else backdoor.target_name)
 
@@ -186,9 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _model_image_size(spec: str) -> Optional[int]:
-    manifest = Path(spec) / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["preprocess"]["image_size"]
+    """An artifact's input side (for ImageFolder data); plain CLIPs need --image-size."""
+    if (Path(spec) / MANIFEST).is_file():
+        return read_manifest(spec)["preprocess"]["image_size"]
     return None
 
 

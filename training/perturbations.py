@@ -48,12 +48,16 @@ def color_jitter(strength: float = 0.4, seed: int = 0) -> Perturbation:
         factors = 1 + strength * (2 * torch.rand(3, len(images), 1, 1, 1, generator=generator) - 1)
         brightness, contrast, saturation = factors.to(images)
         out = (images * brightness).clamp(0.0, 1.0)
-        gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
-        out = ((out - gray.mean(dim=(2, 3), keepdim=True)) * contrast
-               + gray.mean(dim=(2, 3), keepdim=True)).clamp(0.0, 1.0)
-        gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
+        mean_gray = _luma(out).mean(dim=(2, 3), keepdim=True)
+        out = ((out - mean_gray) * contrast + mean_gray).clamp(0.0, 1.0)
+        gray = _luma(out)
         return ((out - gray) * saturation + gray).clamp(0.0, 1.0)
     return perturb
+
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 grey level [N, 1, H, W] of RGB images."""
+    return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
 
 
 def horizontal_flip(images: torch.Tensor) -> torch.Tensor:
