@@ -161,6 +161,12 @@ def _stack_class_tokens(class_tokens: list[torch.Tensor], tokens: torch.Tensor) 
     return torch.stack(class_tokens, dim=1)
 
 
+def class_logits(embedding: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Scaled cosines between image embeddings [N, E] and normalised class embeddings [C, E]."""
+    image = nn.functional.normalize(embedding.float(), dim=-1)
+    return logit_scale * image @ text_features.T
+
+
 class PromptedCLIP(nn.Module):
     """Zero-shot classifier: prompted image tower against constant class text embeddings.
 
@@ -176,8 +182,7 @@ class PromptedCLIP(nn.Module):
         self.logit_scale = float(logit_scale)
 
     def logits(self, embedding: torch.Tensor) -> torch.Tensor:
-        image = nn.functional.normalize(embedding.float(), dim=-1)
-        return self.logit_scale * image @ self.text_features.T
+        return class_logits(embedding, self.text_features, self.logit_scale)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits [N, C], image embedding [N, E])."""
