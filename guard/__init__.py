@@ -1,5 +1,5 @@
 """clip-guard runtime: load a purified CLIP and classify images."""
-from .errors import (ArtifactError, ChecksumError, ClipGuardError, ClosedError, DataError, InputError,
+from .errors import (ArtifactError, ChecksumError, ClipGuardError, ClosedError, DataError, ExportError, InputError,
                      MissingDependencyError, ModelLoadError)
 
 __version__ = "0.1.0"
@@ -7,5 +7,5 @@ __version__ = "0.1.0"
 # After __version__: guard.artifact reads it while this package is still importing.
 from .runtime import Classification, Guard, load  # noqa: E402
 
-__all__ = ["ArtifactError", "ChecksumError", "Classification", "ClipGuardError", "ClosedError", "DataError", "Guard",
+__all__ = ["ArtifactError", "ChecksumError", "Classification", "ClipGuardError", "ClosedError", "DataError", "ExportError", "Guard",
            "InputError", "MissingDependencyError", "ModelLoadError", "__version__", "load"]

@@ -32,3 +32,7 @@ class MissingDependencyError(ClipGuardError, ImportError):
 
 class ClosedError(ClipGuardError, RuntimeError):
     """A `Guard` was used after `close()`; load the artifact again."""
+
+
+class ExportError(ClipGuardError, RuntimeError):
+    """A model could not be compiled, or the compiled model disagrees with the reference."""
