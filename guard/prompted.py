@@ -164,7 +164,7 @@ def _stack_class_tokens(class_tokens: list[torch.Tensor], tokens: torch.Tensor) 
 def class_logits(embedding: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """Scaled cosines between image embeddings [N, E] and normalised class embeddings [C, E]."""
     image = nn.functional.normalize(embedding.float(), dim=-1)
-    return logit_scale * image @ text_features.T
+    return logit_scale * image @ text_features.float().T  # float32 even in a half-precision model
 
 
 class PromptedCLIP(nn.Module):

@@ -1,11 +1,12 @@
-"""Serving a purified model: `load` an artifact, then `Guard.classify` images.
+"""Serving a purified model: `load` an artifact or a compiled file, then `Guard.classify` images.
 
-    with guard.load("artifacts/purified") as model:
+    with guard.load("artifacts/purified") as model:     # or "purified.onnx", ".pt2", ".engine"
         result = model.classify("photo.jpg")
         print(result.label, result.to_dict())
 
-Only the image tower is rebuilt; the class text embeddings come precomputed in the
-artifact, so no text tower, tokenizer or base checkpoint is needed at serving time.
+From an artifact only the image tower is rebuilt, in its folded serving form; the
+class text embeddings come precomputed, so no text tower, tokenizer or base checkpoint
+is needed at serving time. Compiled files need no model code at all (guard.backends).
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ import torch
 
 from ._compat import import_open_clip
 from .artifact import Artifact, load_artifact
+from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .errors import ArtifactError, ClosedError, InputError
+from .folded import fold
 from .inputs import prepare_batch, to_tensor
 from .preprocess import Preprocess
 from .prompted import PromptedCLIP, PromptedVisionEncoder
+from .sidecar import read_sidecar
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch")
 
 
 def build_classifier(artifact: Artifact, device=None) -> PromptedCLIP:
@@ -108,20 +110,20 @@ class Classification:
 
 
 class Guard:
-    """A loaded purified classifier. Thread-safe: classify keeps no state between calls
-    and the model is only read, under torch.inference_mode."""
+    """A loaded purified classifier. Thread-safe: classify keeps no state between calls,
+    and backends whose engines hold per-call state serialise their own runs."""
 
-    def __init__(self, model: PromptedCLIP, preprocess: Preprocess, classes: Sequence[str],
-                 manifest: dict, device: torch.device, backend: str = "torch"):
-        self._model: Optional[PromptedCLIP] = model
+    def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str], manifest: dict):
+        self._backend: Optional[Backend] = backend
         self.preprocess = preprocess
         self.classes = tuple(classes)
         self.manifest = manifest
-        self.device = device
-        self.backend = backend
+        self.backend = backend.name
+        self.device = backend.device
+        self.backend_info = backend.describe()
 
     def __repr__(self) -> str:
-        state = "closed" if self._model is None else f"{len(self.classes)} classes"
+        state = "closed" if self._backend is None else f"{len(self.classes)} classes"
         return f"Guard({state}, backend={self.backend!r}, device={str(self.device)!r})"
 
     def classify(self, inputs, batch_size: int = 64):
@@ -137,57 +139,99 @@ class Guard:
 
     def logits(self, inputs, batch_size: int = 64) -> torch.Tensor:
         """[N, C] float32 logits on the CPU; N = 1 for a single image."""
-        model = self._open_model()
+        backend = self._open_backend()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(inputs, (list, tuple)):
             items = list(inputs)
         else:
             items = [to_tensor(inputs)]  # checked here so its error names no list index
+        step = min(batch_size, backend.max_batch or batch_size)
         chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(items), batch_size):
-                images = prepare_batch(items[start:start + batch_size], self.preprocess, self.device, start)
-                logits, _ = model(images)
-                chunks.append(logits.float().cpu())
+        for start in range(0, len(items), step):
+            images = prepare_batch(items[start:start + step], self.preprocess, torch.device("cpu"), start)
+            logits, _ = backend.run(images)
+            chunks.append(logits)
         if not chunks:
             return torch.empty(0, len(self.classes))
         return torch.cat(chunks)
 
     def close(self) -> None:
-        """Free the model. Calls already running finish; later ones raise ClosedError."""
-        self._model = None
+        """Release the backend. Calls already running finish; later ones raise ClosedError."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
 
     def __enter__(self) -> "Guard":
-        self._open_model()
+        self._open_backend()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _open_model(self) -> PromptedCLIP:
-        model = self._model  # one read: a concurrent close cannot pull it away mid-call
-        if model is None:
+    def _open_backend(self) -> Backend:
+        backend = self._backend  # one read: a concurrent close cannot pull it away mid-call
+        if backend is None:
             raise ClosedError("this Guard was closed; call guard.load() again to classify")
-        return model
+        return backend
+
+
+# File type -> (sidecar kind, backends that run it); a directory is an artifact.
+_COMPILED = {".onnx": ("onnx", ("onnxruntime",)), ".pt2": ("aoti", ("aoti",)),
+             ".engine": ("tensorrt", ("tensorrt",)), ".plan": ("tensorrt", ("tensorrt",))}
 
 
 def load(path: str | Path, backend: str = "auto", device=None) -> Guard:
-    """Load a purified-model artifact directory (checksums verified) for classification.
+    """Load a purified model for classification; every file's checksum is verified.
 
-    backend: "auto" or "torch". device: a torch device; None picks CUDA when available."""
-    if backend not in BACKENDS:
-        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    path: an artifact directory (torch backend), or a compiled file with its sidecar:
+    `.onnx` (onnxruntime), `.pt2` (aoti), `.engine` (tensorrt). backend: "auto" picks
+    by path; naming one that cannot run the path is an InputError. device: a torch
+    device; None picks CUDA when available."""
+    path = Path(path)
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise InputError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     try:
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError) as error:
         raise InputError(f"device {device!r} is not a torch device ({error})") from error
+    if path.is_dir():
+        kind, runners = "artifact", ("torch",)
+    elif path.suffix in _COMPILED:
+        kind, runners = _COMPILED[path.suffix]
+    else:
+        raise InputError(f"{path} is neither an artifact directory nor a compiled model "
+                         f"({', '.join(_COMPILED)})" + ("" if path.exists() else "; it does not exist"))
+    if backend != "auto" and backend not in runners:
+        raise InputError(f"backend {backend!r} cannot run {path.name}; it runs with {' or '.join(runners)}")
+    if kind == "artifact":
+        return _load_artifact(path, device)
+    return _load_compiled(path, kind, device)
+
+
+def _load_artifact(path: Path, device: torch.device) -> Guard:
     artifact = load_artifact(path)
     try:
         preprocess = artifact.preprocess
     except (KeyError, TypeError, InputError) as error:
         raise ArtifactError(f"the preprocess entry of {artifact.path}'s manifest is unusable ({error!r})") from error
-    model = build_classifier(artifact, device)
-    log.info("loaded %s: %d classes, %s prompts, backend torch on %s", artifact.path, len(artifact.classes),
-             "with" if artifact.visual_prompts is not None else "without", device)
-    return Guard(model, preprocess, artifact.classes, artifact.manifest, device, backend="torch")
+    model = fold(build_classifier(artifact, device))
+    log.info("loaded %s: %d classes, %d folded prompt blocks, backend torch on %s", artifact.path,
+             len(artifact.classes), model.num_folded_blocks, device)
+    return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest)
+
+
+def _load_compiled(path: Path, kind: str, device: torch.device) -> Guard:
+    sidecar = read_sidecar(path, kind)
+    try:
+        preprocess = Preprocess.from_dict(sidecar["preprocess"])
+    except (KeyError, TypeError, InputError) as error:
+        raise ArtifactError(f"the preprocess entry of {path}'s sidecar is unusable ({error!r})") from error
+    if kind == "onnx":
+        backend = OnnxRuntimeBackend(path, device, sidecar["precision"])
+    elif kind == "aoti":
+        backend = AOTIBackend(path, device, sidecar["aoti"])
+    else:
+        backend = TensorRTBackend(path, device, sidecar)
+    log.info("loaded %s: %d classes, %s", path, len(sidecar["classes"]), backend.describe())
+    return Guard(backend, preprocess, sidecar["classes"], sidecar)

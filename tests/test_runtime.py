@@ -132,7 +132,7 @@ def test_a_list_gives_the_single_results_in_order(model, tmp_path):
 
 def test_lists_run_one_forward_per_batch(model):
     sizes = []
-    hook = model._model.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+    hook = model._backend.model.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
     try:
         items = [torch.rand(3, 32, 32) for _ in range(5)]
         chunked = model.logits(items, batch_size=2)
@@ -214,10 +214,10 @@ def test_the_recorded_activation_is_used(tiny_artifact, tmp_path, recorded_in):
 
 
 def test_the_loaded_model_is_frozen_and_in_eval_mode(model):
-    classifier = model._model
+    classifier = model._backend.model
     assert not classifier.training and not any(module.training for module in classifier.modules())
     assert not any(parameter.requires_grad for parameter in classifier.parameters())
-    assert classifier.prompts is not None
+    assert classifier.num_folded_blocks == TINY_CFG["vision_cfg"]["layers"] - PROMPT_START_BLOCK
     assert model.classes == CLASSES and model.backend == "torch" and model.device == torch.device("cpu")
     assert model.manifest["classes"] == list(CLASSES)
 
@@ -290,7 +290,7 @@ def test_errors_are_value_errors_and_close_is_a_runtime_error():
 # --- load, backends, lifetime, threads ----------------------------------------------------
 
 def test_unknown_backend_is_an_input_error_naming_the_supported_ones(tiny_artifact):
-    with pytest.raises(InputError, match="'auto', 'torch'.*'nonsense'"):
+    with pytest.raises(InputError, match="'auto' or one of .*'torch'.*'onnxruntime'.*'nonsense'"):
         guard.load(tiny_artifact.path, backend="nonsense")
     with pytest.raises(InputError, match="not a torch device"):
         guard.load(tiny_artifact.path, device="no-such-device")
@@ -309,7 +309,7 @@ def test_missing_artifacts_are_artifact_errors(tmp_path):
 def test_close_frees_the_model_and_later_calls_raise(tiny_artifact):
     with guard.load(tiny_artifact.path, device="cpu") as loaded:
         assert loaded.classify(torch.rand(3, 32, 32)).label in CLASSES
-    assert loaded._model is None
+    assert loaded._backend is None
     for call in (lambda: loaded.classify(torch.rand(3, 32, 32)), lambda: loaded.logits([])):
         with pytest.raises(ClosedError, match="closed"):
             call()

@@ -1,0 +1,1 @@
+"""Compile purified artifacts: ONNX (export.onnx), TensorRT (export.trt), AOTInductor (export.aoti)."""

@@ -1,0 +1,158 @@
+"""Export a purified artifact to a self-contained ONNX graph.
+
+    python -m export.onnx PURIFIED --out purified.onnx [--fp16 | --int8] [--literal]
+
+The graph takes `images` (float32 [batch, 3, S, S], preprocessed as the sidecar
+says) and returns `logits` [batch, C] and `embedding` [batch, E], with a dynamic
+batch axis. The visual prompts are folded into constant keys and values and the
+class text embeddings are a constant matrix: no text tower, no Python. Every export
+is run once in onnxruntime and compared with the torch reference before its sidecar
+(`purified.onnx.json`) is written; a graph outside its tolerance is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from guard.backends import OnnxRuntimeBackend
+from guard.errors import ExportError, InputError, MissingDependencyError
+from guard.sidecar import INPUT_NAME, OUTPUT_NAMES, sidecar_path, write_sidecar
+
+from .common import PRECISIONS, check_parity, parity, run_cli, serving_model, validation_images
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+# Weights above this go to an external data file: protobuf caps a file at 2 GiB.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class _HalfPrecision(torch.nn.Module):
+    """Runs the model in float16 behind float32 inputs and outputs, so callers never change."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, images):
+        logits, embedding = self.model(images.half())
+        return logits.float(), embedding.float()
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise MissingDependencyError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                                     "pip install 'clip-guard[onnxruntime]'") from error
+    return onnx, onnxruntime
+
+
+def run_onnxruntime(path: Path, images: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The graph's outputs on the CPU provider, through the same session set-up as serving."""
+    backend = OnnxRuntimeBackend(path, torch.device("cpu"), precision)
+    try:
+        return backend.run(images)
+    finally:
+        backend.close()
+
+
+def _torch_export(model: torch.nn.Module, out: Path, example: torch.Tensor, external_data: bool) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not the user's business
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
+                                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                    dynamic_shapes={"images": {0: batch}}, verbose=False)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    program.save(str(out), external_data=external_data)
+
+
+def export_onnx(artifact_path: str | Path, out: str | Path, *, precision: str = "fp32", form: str = "folded",
+                external_data: bool | None = None, validation_count: int = 16) -> Path:
+    """Write `out` (and its sidecar) from a purified artifact; returns the sidecar path.
+
+    precision: fp32, fp16 (weights and activations in float16 behind float32 inputs),
+    or int8 (dynamic quantisation of the fp32 graph's weights). form: folded (serving)
+    or literal (the prompt-concatenation form, for benchmarks). external_data: None
+    decides by the weights' size."""
+    onnx, _ = _import_onnx()
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise InputError(f"the output file must end in .onnx, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model, artifact = serving_model(artifact_path, form)
+    images = validation_images(artifact.preprocess, validation_count)
+    with torch.no_grad():
+        reference = model(images)
+    weight_bytes = sum(tensor.numel() * tensor.element_size()
+                       for tensor in [*model.parameters(), *model.buffers()])
+    if external_data is None:
+        external_data = weight_bytes > EXTERNAL_DATA_BYTES
+    for stale in (out, out.with_name(out.name + ".data"), sidecar_path(out)):
+        stale.unlink(missing_ok=True)  # a failed export must not leave an old graph looking current
+
+    log.info("exporting %s (%s, %s) to %s", artifact.path, form, precision, out)
+    if precision == "int8":
+        _export_int8(model, out, images[:2], external_data)
+    else:
+        _torch_export(_HalfPrecision(model) if precision == "fp16" else model, out, images[:2], external_data)
+    onnx.checker.check_model(str(out), full_check=True)
+
+    result = parity(reference, run_onnxruntime(out, images, precision), artifact.logit_scale)
+    check_parity(result, precision, f"the {precision} ONNX graph {out}")
+    extra = (out.name + ".data",) if out.with_name(out.name + ".data").exists() else ()
+    details = {"opset": OPSET, "form": form, "logit_scale": artifact.logit_scale, "dynamic_batch": True, "external_data": bool(extra),
+               "validation": result.to_dict(), "export_seconds": round(time.perf_counter() - started, 2),
+               "torch_version": torch.__version__, "onnx_version": onnx.__version__}
+    sidecar = write_sidecar(out, kind="onnx", source_manifest=artifact.manifest, source_path=str(artifact.path),
+                            precision=precision, details=details, extra_files=extra)
+    log.info("wrote %s: max |logit diff| %.2e of the logit scale, top-1 agreement %.1f%% on %d images",
+             out, result.max_logit_diff, 100 * result.top1_agreement, result.images)
+    return sidecar
+
+
+def _export_int8(model: torch.nn.Module, out: Path, example: torch.Tensor, external_data: bool) -> None:
+    """Dynamic int8: MatMul weights quantised ahead of time, activations at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_graph = out.with_name(out.stem + ".fp32-tmp.onnx")
+    try:
+        _torch_export(model, float_graph, example, external_data=False)
+        quantize_dynamic(str(float_graph), str(out), weight_type=QuantType.QInt8,
+                         use_external_data_format=external_data)
+    finally:
+        float_graph.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", help="purified-model directory (from python -m training.purify)")
+    parser.add_argument("--out", required=True, help="output .onnx file; its sidecar is written beside it")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_const", dest="precision", const="fp16",
+                           help="float16 weights and activations (float32 inputs and outputs)")
+    precision.add_argument("--int8", action="store_const", dest="precision", const="int8",
+                           help="dynamic int8 quantisation of the weights")
+    parser.add_argument("--literal", action="store_const", dest="form", const="literal", default="folded",
+                        help="keep the literal prompt concatenation instead of folding (for comparison)")
+    parser.add_argument("--external-data", action="store_true", default=None,
+                        help="store the weights in a .data file beside the graph (automatic above 1 GiB)")
+    args = parser.parse_args(argv)
+    export_onnx(args.artifact, args.out, precision=args.precision or "fp32", form=args.form,
+                external_data=args.external_data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

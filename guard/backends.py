@@ -1,0 +1,216 @@
+"""The engines behind `Guard`: one interface, four implementations.
+
+    torch        an artifact directory, run eagerly in its folded serving form
+    onnxruntime  a `.onnx` graph from `python -m export.onnx`, with explicit providers
+    aoti         a `.pt2` AOTInductor package from `python -m export.aoti`
+    tensorrt     a `.engine` from `python -m export.trt` (needs TensorRT and a GPU)
+
+Each takes a batch of preprocessed images (float32 [N, 3, S, S]) and returns the
+float32 logits [N, C] and image embeddings [N, E] on the CPU. Optional packages
+(onnxruntime, tensorrt) are imported only when their backend is used.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import MissingDependencyError, ModelLoadError
+from .sidecar import INPUT_NAME, OUTPUT_NAMES
+
+BACKEND_NAMES = ("torch", "onnxruntime", "aoti", "tensorrt")
+
+
+class Backend:
+    """Runs the compiled or eager forward pass. Subclasses set `name` and implement run."""
+    name = "backend"
+    max_batch: Optional[int] = None  # the largest batch one run accepts; None: any
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What is running, for logs and `python -m guard inspect`."""
+        return {"backend": self.name, "device": str(self.device)}
+
+    def close(self) -> None:
+        """Release the engine. The default keeps nothing beyond Python references."""
+
+
+def _outputs_to_cpu(logits, embedding) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits.float().cpu(), embedding.float().cpu()
+
+
+class TorchBackend(Backend):
+    """An nn.Module returning (logits, embedding): the folded model built from an artifact."""
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__(device)
+        self.model = model
+
+    def run(self, images):
+        with torch.inference_mode():
+            return _outputs_to_cpu(*self.model(images.to(self.device)))
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise MissingDependencyError("the onnxruntime backend needs onnxruntime: pip install "
+                                     "'clip-guard[onnxruntime]' (or '[onnxruntime-gpu]' for CUDA)") from error
+    return onnxruntime
+
+
+class OnnxRuntimeBackend(Backend):
+    """An ONNX graph in an onnxruntime session on exactly one requested provider.
+
+    onnxruntime falls back to the CPU when a CUDA provider cannot start; here that is
+    an error, since a silently slower (or differently rounded) model is a bug."""
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, device: torch.device, precision: str = "fp32", threads: Optional[int] = None):
+        super().__init__(device)
+        ort = _import_onnxruntime()
+        if device.type == "cpu":
+            provider, options = "CPUExecutionProvider", {}
+        elif device.type == "cuda":
+            provider, options = "CUDAExecutionProvider", {"device_id": device.index or 0}
+        else:
+            raise ModelLoadError(f"the onnxruntime backend runs on cpu or cuda, not {device}")
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise ModelLoadError(f"onnxruntime {ort.__version__} here offers {available}, not {provider}; "
+                                 "for CUDA install 'clip-guard[onnxruntime-gpu]' instead of onnxruntime")
+        session_options = ort.SessionOptions()
+        # onnxruntime 1.31's layout optimisations (ORT_ENABLE_ALL) crash the process on some
+        # float16 graphs (measured: the 64-wide test tower); extended fusions are safe there.
+        level = "ORT_ENABLE_EXTENDED" if precision == "fp16" else "ORT_ENABLE_ALL"
+        session_options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        if threads is not None:
+            session_options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), session_options, providers=[(provider, options)])
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {error}") from error
+        active = self.session.get_providers()
+        if active[0] != provider:
+            raise ModelLoadError(f"onnxruntime started {active[0]} instead of {provider} for {path}")
+        self.provider = provider
+        names = [output.name for output in self.session.get_outputs()]
+        if names[:len(OUTPUT_NAMES)] != list(OUTPUT_NAMES):
+            raise ModelLoadError(f"{path} has outputs {names}; expected {list(OUTPUT_NAMES)} first "
+                                 "(export it with `python -m export.onnx`)")
+
+    def run(self, images):
+        logits, embedding = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.float().cpu().numpy()})
+        return torch.from_numpy(logits).float(), torch.from_numpy(embedding).float()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "provider": self.provider}
+
+    def close(self) -> None:
+        self.session = None
+
+
+class AOTIBackend(Backend):
+    """An AOTInductor package compiled by `python -m export.aoti` for this device type."""
+    name = "aoti"
+
+    def __init__(self, path: Path, device: torch.device, details: dict):
+        super().__init__(device)
+        compiled_for = details["device"]
+        self.max_batch = int(details["max_batch"])
+        if device.type != compiled_for:
+            raise ModelLoadError(f"{path} was compiled for {compiled_for}, not {device.type}: re-run "
+                                 f"`python -m export.aoti ARTIFACT --out {path.name} --device {device.type}`")
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as error:  # the loader raises RuntimeError or C++ errors alike
+            raise ModelLoadError(f"cannot load the AOTInductor package {path}: {error}") from error
+        # The compiled model's runner holds per-call buffers: one call at a time.
+        self._lock = threading.Lock()
+
+    def run(self, images):
+        with self._lock, torch.inference_mode():
+            return _outputs_to_cpu(*self.runner(images.float().to(self.device)))
+
+    def close(self) -> None:
+        self.runner = None
+
+
+class TensorRTBackend(Backend):
+    """A serialized TensorRT 10 engine, run with the tensor-name API on a torch CUDA stream."""
+    name = "tensorrt"
+
+    def __init__(self, path: Path, device: torch.device, sidecar: dict):
+        super().__init__(device)
+        trt = import_tensorrt()
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ModelLoadError("the tensorrt backend needs a CUDA GPU; none is available here")
+        check_engine_compatible(sidecar["tensorrt"], trt.__version__, torch.cuda.get_device_capability(device),
+                                rebuild_command(sidecar, path))
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise ModelLoadError(f"TensorRT could not deserialize {path}: {rebuild_command(sidecar, path)}")
+        self.context = self.engine.create_execution_context()
+        self.max_batch = int(sidecar["tensorrt"]["profile"]["max"])
+        self._lock = threading.Lock()  # an execution context serves one call at a time
+
+    def run(self, images):
+        with self._lock, torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            images = images.float().to(self.device).contiguous()
+            self.context.set_input_shape(INPUT_NAME, tuple(images.shape))
+            self.context.set_tensor_address(INPUT_NAME, images.data_ptr())
+            outputs = {}
+            for name in OUTPUT_NAMES:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT failed to run the engine")
+            stream.synchronize()
+            return _outputs_to_cpu(outputs["logits"], outputs["embedding"])
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise MissingDependencyError("TensorRT is not installed: pip install 'clip-guard[tensorrt]' on a "
+                                     "machine with an NVIDIA GPU (TensorRT 10 or later)") from error
+    return tensorrt
+
+
+def rebuild_command(sidecar: dict, engine_path: Path) -> str:
+    """The command that rebuilds this engine on the current machine."""
+    details = sidecar["tensorrt"]
+    profile = details["profile"]
+    precision = " --fp16" if sidecar["precision"] == "fp16" else ""
+    return (f"rebuild it here with `python -m export.trt {details['onnx']} --out {engine_path}{precision} "
+            f"--batch {profile['min']}:{profile['opt']}:{profile['max']}`")
+
+
+def check_engine_compatible(details: dict, trt_version: str, capability: tuple[int, int], rebuild: str) -> None:
+    """TensorRT engines only run under the TensorRT version and GPU architecture that built them."""
+    built_capability = tuple(details["compute_capability"])
+    if details["tensorrt_version"] != trt_version:
+        raise ModelLoadError(f"the engine was built with TensorRT {details['tensorrt_version']}, this machine "
+                             f"has {trt_version}: {rebuild}")
+    if built_capability != tuple(capability):
+        raise ModelLoadError(f"the engine was built for GPU compute capability "
+                             f"{'.'.join(map(str, built_capability))}, this GPU is "
+                             f"{'.'.join(map(str, capability))}: {rebuild}")
