@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[training,test]"
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[training,onnxruntime,test]"
 	touch $@
 
 # Debian's Fashion-MNIST: the reference benchmark's data.

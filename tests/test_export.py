@@ -2,14 +2,16 @@
 every serving backend against the torch reference, through the public guard.load."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import guard
-from export.common import TOLERANCES, validation_images
+from conftest import CLASSES
+from export.common import TOLERANCES, run_cli
 from guard.artifact import load_artifact
-from guard.backends import check_engine_compatible
+from guard.backends import check_engine_compatible, rebuild_command
 from guard.inputs import prepare_batch
 from guard.errors import ArtifactError, ChecksumError, InputError, MissingDependencyError, ModelLoadError
 from guard.runtime import build_classifier
@@ -83,3 +85,125 @@ def test_every_backend_matches_the_literal_torch_reference(exports, reference, t
     assert float((logits - expected).abs().max()) / tiny_artifact.logit_scale <= TOLERANCES[precision]
     if precision == "fp32":
         assert [result.index for result in results] == expected.argmax(-1).tolist()
+
+
+def test_onnx_graph_is_opset_18_with_a_dynamic_batch_and_named_outputs(exports):
+    model = onnx.load(str(exports["onnxruntime-fp32"]))
+    assert {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}["ai.onnx"] == 18
+    (graph_input,) = model.graph.input
+    assert graph_input.name == "images"
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed size
+    assert [output.name for output in model.graph.output] == ["logits", "embedding"]
+    sidecar = read_sidecar(exports["onnxruntime-fp32"], "onnx")
+    assert sidecar["classes"] == list(CLASSES) and sidecar["onnx"]["form"] == "folded"
+    assert sidecar["onnx"]["validation"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("damage", ["graph byte", "sidecar byte", "missing sidecar", "renamed", "future version"])
+def test_a_damaged_compiled_model_is_refused(exports, tmp_path, damage):
+    source = exports["onnxruntime-fp32"]
+    path = tmp_path / source.name
+    shutil.copy(source, path)
+    shutil.copy(sidecar_path(source), sidecar_path(path))
+    expected = ChecksumError
+    if damage == "graph byte":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "sidecar byte":
+        text = sidecar_path(path).read_text()
+        sidecar_path(path).write_text(text.replace('"fp32"', '"fp16"', 1))
+    elif damage == "missing sidecar":
+        sidecar_path(path).unlink()
+        expected = ArtifactError
+    elif damage == "renamed":
+        path = path.rename(tmp_path / "other.onnx")
+        shutil.move(sidecar_path(tmp_path / source.name), sidecar_path(path))
+        expected = ArtifactError
+    else:
+        sidecar = json.loads(sidecar_path(path).read_text())
+        sidecar["format_version"] = 99
+        sidecar_path(path).write_text(json.dumps(sidecar))
+        expected = ArtifactError
+    with pytest.raises(expected, match=path.name if damage != "future version" else "upgrade clip-guard"):
+        guard.load(path)
+
+
+def test_backend_and_device_mismatches_are_clear_errors(exports, tmp_path):
+    with pytest.raises(InputError, match="cannot run fp32.onnx.*onnxruntime"):
+        guard.load(exports["onnxruntime-fp32"], backend="torch")
+    with pytest.raises(InputError, match="neither an artifact directory nor a compiled model"):
+        guard.load(tmp_path / "model.bin")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="was compiled for cpu, not cuda"):
+            guard.load(exports["aoti"], device="cuda")
+    import onnxruntime
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ModelLoadError, match="not CUDAExecutionProvider.*onnxruntime-gpu"):
+            guard.load(exports["onnxruntime-fp32"], device="cuda")
+
+
+def test_onnx_export_errors_and_exit_codes(tiny_artifact, tmp_path, capsys):
+    with pytest.raises(InputError, match="must end in .onnx"):
+        export_onnx(tiny_artifact.path, tmp_path / "model.bin")
+    assert run_cli(onnx_main, [str(tmp_path / "absent"), "--out", str(tmp_path / "m.onnx")]) == 3
+    assert "manifest.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --fp16 and --int8 exclude each other
+        onnx_main([str(tiny_artifact.path), "--out", "x.onnx", "--fp16", "--int8"])
+
+
+@pytest.mark.parametrize("text, expected", [("1:32:256", (1, 32, 256)), ("4:4:4", (4, 4, 4))])
+def test_batch_profile_parses(text, expected):
+    profile = BatchProfile.parse(text)
+    assert (profile.min, profile.opt, profile.max) == expected
+
+
+@pytest.mark.parametrize("text", ["1:32", "0:1:2", "8:4:16", "a:b:c", ""])
+def test_batch_profile_rejects_bad_text(text):
+    with pytest.raises(InputError, match="MIN:OPT:MAX|MIN <= OPT <= MAX"):
+        BatchProfile.parse(text)
+
+
+def test_trt_refuses_reduced_precision_graphs_before_needing_tensorrt(exports, tmp_path, capsys):
+    code = run_cli(trt_main, [str(exports["onnxruntime-fp16"]), "--out", str(tmp_path / "x.engine")])
+    assert code == 2 and "build engines from the fp32 export and pass --fp16" in capsys.readouterr().err
+    code = run_cli(trt_main, [str(exports["onnxruntime-fp32"]), "--out", str(tmp_path / "x.engine"),
+                              "--batch", "1:2"])
+    assert code == 2 and "MIN:OPT:MAX" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(tensorrt_usable(), reason="checks the message given where TensorRT cannot run")
+def test_trt_without_tensorrt_or_a_gpu_exits_with_a_clear_message(exports, tmp_path, capsys):
+    code = run_cli(trt_main, [str(exports["onnxruntime-fp32"]), "--out", str(tmp_path / "x.engine")])
+    error = capsys.readouterr().err
+    assert code == 3 and error.startswith("error: ") and "Traceback" not in error
+    assert "TensorRT is not installed" in error or "needs an NVIDIA GPU" in error
+    assert not (tmp_path / "x.engine").exists()
+
+
+def test_engine_compatibility_is_checked_against_version_and_gpu():
+    details = {"tensorrt_version": "10.3.0", "compute_capability": [9, 0]}
+    check_engine_compatible(details, "10.3.0", (9, 0), "rebuild")
+    with pytest.raises(ModelLoadError, match="TensorRT 10.3.0, this machine has 10.7.0: rebuild"):
+        check_engine_compatible(details, "10.7.0", (9, 0), "rebuild")
+    with pytest.raises(ModelLoadError, match="capability 9.0, this GPU is 8.0: rebuild"):
+        check_engine_compatible(details, "10.3.0", (8, 0), "rebuild")
+
+
+def test_rebuild_command_reproduces_the_build(exports):
+    sidecar = {"precision": "fp16", "tensorrt": {"onnx": "m.onnx", "profile": {"min": 1, "opt": 8, "max": 64}}}
+    assert rebuild_command(sidecar, Path("m.engine")).endswith(
+        "`python -m export.trt m.onnx --out m.engine --fp16 --batch 1:8:64`")
+
+
+@pytest.mark.skipif(tensorrt_usable(), reason="checks the message given where TensorRT cannot run")
+def test_loading_an_engine_without_tensorrt_says_what_to_install(exports, tmp_path):
+    # A described engine file: the sidecar is real, the engine bytes are never read without TensorRT.
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine bytes")
+    details = {"tensorrt_version": "10.3.0", "compute_capability": [9, 0], "onnx": "m.onnx",
+               "profile": {"min": 1, "opt": 8, "max": 64}}
+    write_sidecar(engine, kind="tensorrt", source_manifest=read_sidecar(exports["onnxruntime-fp32"], "onnx"),
+                  source_path="m.onnx", precision="fp32", details=details)
+    with pytest.raises(MissingDependencyError, match="clip-guard\\[tensorrt\\]"):
+        guard.load(engine, device="cpu")

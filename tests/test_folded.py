@@ -102,3 +102,26 @@ def test_a_block_that_cannot_be_folded_is_refused():
     block.attn = nn.Identity()
     with pytest.raises(ModelLoadError, match="block 2 .*not an nn.MultiheadAttention"):
         FoldedBlock(block, torch.randn(2, TINY_CFG["vision_cfg"]["width"]), index=2)
+
+
+def test_folded_form_computes_no_projection_or_mlp_for_prompt_tokens():
+    # FlopCounterMode counts the linear layers (attention products are not counted on the
+    # CPU): the folded tower must do exactly the plain tower's, the literal one more.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = prompted_model(random_clip(9), 1, 7)
+    plain = PromptedCLIP(model.encoder, model.text_features, 30.0)
+    images = torch.randn(2, 3, 32, 32)
+
+    def linear_flops(module):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(images)
+        return counter.get_total_flops()
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused fast path hides its products from the counter
+    try:
+        plain_flops, folded_flops, literal_flops = linear_flops(plain), linear_flops(fold(model)), linear_flops(model)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    assert folded_flops == plain_flops < literal_flops
