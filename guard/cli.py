@@ -1,0 +1,341 @@
+"""`python -m guard`: classify images with a purified model, inspect an artifact, check the machine.
+
+    python -m guard classify IMG... --model PURIFIED [--json] [--top-k K] [--backend B] [--device D]
+    python -m guard inspect PURIFIED [--json]
+    python -m guard doctor [--json]
+
+Exit codes: 0 success; 2 usage or input error (bad arguments, an unreadable image);
+3 artifact or model error (missing, damaged or unloadable model); 1 unexpected error.
+Errors are one line on stderr, "error: ..."; -vv adds tracebacks of unexpected ones.
+Results go to stdout, logs (-v: info, -vv: debug) to stderr. See docs/cli.md.
+
+Adding a subcommand: write `run_NAME(args) -> int` and `add_NAME(commands)`, which
+makes its parser with `_subparser` and `set_defaults(run=run_NAME)`, and list
+`add_NAME` in SUBCOMMANDS. Raise clip-guard's typed errors; main() turns them into
+the exit codes above.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import (
+    ArtifactError,
+    ClipGuardError,
+    ExportError,
+    InputError,
+    ModelLoadError,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+
+# Errors about the model rather than the request; every other ClipGuardError is a usage or input error.
+MODEL_ERRORS = (ArtifactError, ModelLoadError, ExportError)
+
+
+def exit_code(error: BaseException) -> int:
+    if isinstance(error, MODEL_ERRORS):
+        return EXIT_MODEL
+    if isinstance(error, ClipGuardError):
+        return EXIT_USAGE
+    return EXIT_UNEXPECTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (never raises, except BrokenPipeError)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # argparse printed the usage error (2) or the help (0)
+        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+    logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ClipGuardError as error:
+        fail(error)
+        return exit_code(error)
+    except KeyboardInterrupt:
+        fail("interrupted")
+        return 130
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`); __main__ exits quietly
+    except Exception as error:
+        log.debug("traceback of the unexpected error", exc_info=True)
+        fail(f"unexpected {type(error).__name__}: {error} (a bug in clip-guard or its dependencies; "
+             "-vv shows the traceback)")
+        return EXIT_UNEXPECTED
+
+
+def fail(message) -> None:
+    """One line on stderr, whatever the message's own line breaks."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+def emit(text: str) -> None:
+    """The command's result, on stdout."""
+    print(text, flush=True)
+
+
+# --- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m guard", description="Serve and check purified CLIP models.",
+        epilog="exit codes: 0 success, 2 usage or input error, 3 artifact or model error, 1 unexpected error")
+    parser.add_argument("--version", action="version", version=f"clip-guard {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(commands)
+    return parser
+
+
+def _subparser(commands, name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+    """A subcommand's parser with the options every command has."""
+    parser = commands.add_parser(name, help=summary, description=description or summary,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress to stderr (-vv: debug, with tracebacks)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# --- classify -----------------------------------------------------------------------------
+
+def add_classify(commands) -> None:
+    parser = _subparser(commands, "classify", "classify images with a purified model",
+                        "Classify image files. One line per image: path, then the top K labels and\n"
+                        "probabilities, tab-separated. A bad image is reported on stderr and the\n"
+                        "others are still classified; the exit code is then 2.")
+    parser.add_argument("images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, WebP, ...)")
+    parser.add_argument("--model", required=True, metavar="PURIFIED",
+                        help="purified artifact directory (or a compiled model guard.load reads)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    parser.add_argument("--top-k", type=_positive_int, default=1, metavar="K",
+                        help="how many labels to show per image (default 1)")
+    parser.add_argument("--backend", default="auto", metavar="B",
+                        help="auto (default), torch, onnxruntime, aoti or tensorrt: see `doctor`")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA if any)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
+    parser.set_defaults(run=run_classify)
+
+
+def run_classify(args) -> int:
+    import guard
+
+    _check_device(args.device)
+    if not Path(args.model).exists():
+        raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
+    with guard.load(args.model, backend=args.backend, device=args.device) as model:
+        log.info("classifying %d images with %r", len(args.images), model)
+        outcomes = classify_each(model, args.images, args.batch_size)
+    records = []
+    for image, outcome in zip(args.images, outcomes):
+        if isinstance(outcome, InputError):
+            fail(outcome)
+            records.append({"input": image, "error": str(outcome)})
+        else:
+            top = outcome.top_k(args.top_k)
+            records.append({"input": image, "label": outcome.label, "index": outcome.index, "score": outcome.score,
+                            "top_k": [{"label": label, "prob": prob} for label, prob in top],
+                            "probs": dict(zip(outcome.classes, outcome.probs))})
+    if args.json:
+        emit(json.dumps(records, indent=2))
+    else:
+        for record in records:
+            if "error" not in record:
+                emit("\t".join([record["input"]] + [f"{pair['label']}\t{pair['prob']:.4f}" for pair in record["top_k"]]))
+    return EXIT_USAGE if any("error" in record for record in records) else EXIT_OK
+
+
+def classify_each(model, images: Sequence, batch_size: int) -> list:
+    """A Classification or the InputError for each image: a bad image does not stop the others.
+    Batches run whole; only a batch with a bad image is redone one image at a time."""
+    outcomes = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        try:
+            outcomes.extend(model.classify(chunk, batch_size=batch_size))
+        except InputError:
+            for image in chunk:
+                try:
+                    outcomes.append(model.classify(image))
+                except InputError as error:
+                    outcomes.append(error)
+    return outcomes
+
+
+def _check_device(device: str | None) -> None:
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here (see `python -m guard doctor`)")
+
+
+# --- inspect ------------------------------------------------------------------------------
+
+def add_inspect(commands) -> None:
+    parser = _subparser(commands, "inspect", "summarise an artifact and verify its files",
+                        "Show what a purified artifact is (format, base model, classes, method,\n"
+                        "hyperparameters, metrics) and check every file against its recorded size\n"
+                        "and sha256. Exit code 3 when the manifest or any file does not verify.")
+    parser.add_argument("artifact", metavar="PURIFIED", type=Path, help="purified artifact directory")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(run=run_inspect)
+
+
+def run_inspect(args) -> int:
+    summary = inspect_artifact(args.artifact)
+    emit(json.dumps(summary, indent=2) if args.json else format_inspection(summary))
+    damaged = [entry for entry in summary["files"] if not entry["verified"]]
+    if damaged:
+        listed = ", ".join(f"{entry['name']} ({entry['problem']})" for entry in damaged)
+        fail(f"{len(damaged)} of {len(summary['files'])} files of {summary['path']} do not verify: {listed}; "
+             "restore them from a copy or re-create the artifact")
+        return EXIT_MODEL
+    return EXIT_OK
+
+
+def inspect_artifact(path) -> dict:
+    """The manifest's summary (its own checksum and version checked) and each file verified."""
+    from .artifact import read_manifest
+
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{directory / 'manifest.json'} has no table of files; the artifact is damaged")
+    method = manifest.get("method") or {}
+    return {
+        "path": str(directory),
+        "format": manifest.get("format"),
+        "format_version": manifest.get("format_version"),
+        "clip_guard_version": manifest.get("clip_guard_version"),
+        "base_model": manifest.get("base_model"),
+        "classes": manifest.get("classes"),
+        "templates": manifest.get("templates"),
+        "preprocess": manifest.get("preprocess"),
+        "visual_prompts": manifest.get("visual_prompts"),
+        "method": method.get("name"),
+        "hyperparameters": method.get("hyperparameters"),
+        "metrics": manifest.get("metrics"),
+        "files": [_verify(directory, name, record) for name, record in files.items()],
+    }
+
+
+def _verify(directory: Path, name: str, record) -> dict:
+    from .hashing import sha256_file
+
+    record = record if isinstance(record, dict) else {}
+    entry = {"name": name, "bytes": record.get("bytes"), "sha256": record.get("sha256"),
+             "actual_bytes": None, "actual_sha256": None}
+    file = directory / name
+    if Path(name).name != name or name in ("", ".", ".."):
+        problem = "not a file name inside the artifact"
+    elif not file.is_file():
+        problem = "missing"
+    else:
+        entry["actual_bytes"] = file.stat().st_size
+        entry["actual_sha256"] = sha256_file(file)
+        if entry["actual_sha256"] != entry["sha256"]:
+            problem = "sha256 differs"
+        elif entry["bytes"] is not None and entry["actual_bytes"] != entry["bytes"]:
+            problem = f"{entry['actual_bytes']} bytes, {entry['bytes']} recorded"
+        else:
+            problem = None
+    entry.update(verified=problem is None, problem=problem)
+    return entry
+
+
+def format_inspection(summary: dict) -> str:
+    written = (f"{summary['format']} version {summary['format_version']}, written by clip-guard "
+               f"{summary['clip_guard_version']}")
+    rows = [("artifact", summary["path"]), ("format", written)]
+    base = summary["base_model"] if isinstance(summary["base_model"], dict) else {}
+    identity = [str(base.get("spec"))]
+    if base.get("source_format"):
+        identity.append(f"({base['source_format']})")
+    rows.append(("base model", " ".join(identity) + f", sha256 {base.get('sha256') or 'not recorded'}, "
+                                                    f"QuickGELU {'yes' if base.get('quick_gelu') else 'no'}"))
+    config = base.get("model_cfg") if isinstance(base.get("model_cfg"), dict) else {}
+    if config:
+        vision = config.get("vision_cfg") or {}
+        rows.append(("architecture", f"embed_dim {config.get('embed_dim')}; vision "
+                     + ", ".join(f"{key} {value}" for key, value in vision.items())))
+    classes = summary["classes"] or []
+    rows.append((f"classes ({len(classes)})", ", ".join(map(str, classes))))
+    rows.append(("templates", " | ".join(map(str, summary["templates"] or []))))
+    preprocess = summary["preprocess"] or {}
+    rows.append(("preprocess", ", ".join(f"{key} {value}" for key, value in preprocess.items())))
+    prompts = summary["visual_prompts"]
+    rows.append(("visual prompts", "none" if not prompts else
+                 f"{prompts.get('num_tokens')} tokens in each of {prompts.get('num_blocks')} blocks "
+                 f"from block {prompts.get('start_block')}"))
+    rows.append(("method", summary["method"]))
+    for title, values in (("hyperparameters", summary["hyperparameters"]), ("metrics", summary["metrics"])):
+        flat = _flatten(values or {})
+        rows.append((title, "none" if not flat else ""))
+        rows.extend((f"  {key}", value) for key, value in flat)
+    rows.append(("files", ""))
+    for entry in summary["files"]:
+        size = "?" if entry["bytes"] is None else f"{entry['bytes']:,} bytes"
+        state = "ok" if entry["verified"] else f"DOES NOT VERIFY: {entry['problem']}"
+        rows.append((f"  {entry['name']}", f"{size}  sha256 {entry['sha256']}  {state}"))
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}".rstrip() for key, value in rows)
+
+
+def _flatten(values: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts as (dotted.key, value) rows; floats to 6 significant digits."""
+    rows = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, name + "."))
+        else:
+            rows.append((name, f"{value:.6g}" if isinstance(value, float) else str(value)))
+    return rows
+
+
+# --- doctor -------------------------------------------------------------------------------
+
+def add_doctor(commands) -> None:
+    parser = _subparser(commands, "doctor", "report versions, accelerators and usable backends",
+                        "Report the versions of Python, torch, open_clip, numpy, Pillow, onnx,\n"
+                        "onnxruntime (and its providers) and TensorRT, CUDA devices, which guard\n"
+                        "backends can run here, and the custom kernels' status. Builds nothing.")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run_doctor)
+
+
+def run_doctor(args) -> int:
+    from .doctor import format_report, report
+
+    data = report()
+    emit(json.dumps(data, indent=2, default=str) if args.json else format_report(data))
+    return EXIT_OK
+
+
+# Each adds one subcommand; `calibrate` and later commands go here.
+SUBCOMMANDS = [add_classify, add_inspect, add_doctor]
