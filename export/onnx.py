@@ -112,7 +112,8 @@ def export_onnx(artifact_path: str | Path, out: str | Path, *, precision: str = 
     result = parity(reference, run_onnxruntime(out, images, precision), artifact.logit_scale)
     check_parity(result, precision, f"the {precision} ONNX graph {out}")
     extra = (out.name + ".data",) if out.with_name(out.name + ".data").exists() else ()
-    details = {"opset": OPSET, "form": form, "logit_scale": artifact.logit_scale, "dynamic_batch": True, "external_data": bool(extra),
+    details = {"opset": OPSET, "form": form, "logit_scale": artifact.logit_scale, "dynamic_batch": True,
+               "external_data": bool(extra),
                "validation": result.to_dict(), "export_seconds": round(time.perf_counter() - started, 2),
                "torch_version": torch.__version__, "onnx_version": onnx.__version__}
     sidecar = write_sidecar(out, kind="onnx", source_manifest=artifact.manifest, source_path=str(artifact.path),

@@ -213,7 +213,8 @@ def _load_pretrained(oc, spec, name, tag, arch, quick_gelu) -> LoadedCLIP:
             f"unknown pretrained tag {tag!r} for open_clip model {name}; its tags are {tags or 'none'}. "
             "List all NAME:TAG pairs with open_clip.list_pretrained(as_str=True)")
     if arch is not None and arch.replace("/", "-") != name:
-        raise ModelLoadError(f"arch={arch!r} contradicts {spec!r}; the architecture of a pretrained tag is its model name")
+        raise ModelLoadError(f"arch={arch!r} contradicts {spec!r}; "
+                             "the architecture of a pretrained tag is its model name")
     model_cfg = oc.get_model_config(name)
     # The tag records how its weights were trained; open_clip's own model config may not
     # (ViT-B-32 is GELU, its `openai` weights need QuickGELU).
@@ -943,8 +944,8 @@ def _hf_cache_dir() -> str:
     explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if explicit:
         return os.path.expandvars(os.path.expanduser(explicit))
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                                              "huggingface")
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = env.get("HF_HOME") or os.path.join(cache, "huggingface")
     return os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub")
 
 

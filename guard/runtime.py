@@ -156,6 +156,22 @@ class Guard:
             return torch.empty(0, len(self.classes))
         return torch.cat(chunks)
 
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, C], embeddings [N, E]) of an already preprocessed float batch [N, 3, S, S],
+        for pipelines that resize and normalise themselves (see `preprocess`)."""
+        backend = self._open_backend()
+        size = self.preprocess.image_size
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise InputError(f"forward takes a preprocessed float tensor [N, 3, {size}, {size}], got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if not images.is_floating_point():
+            raise InputError(f"forward takes a float tensor, got {images.dtype}")
+        if len(images) == 0:
+            return torch.empty(0, len(self.classes)), torch.empty(0, 0)
+        step = backend.max_batch or len(images)
+        pieces = [backend.run(chunk.float()) for chunk in images.split(step)]
+        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
     def close(self) -> None:
         """Release the backend. Calls already running finish; later ones raise ClosedError."""
         backend, self._backend = self._backend, None

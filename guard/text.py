@@ -29,7 +29,8 @@ class TextEncoder(nn.Module):
         tower = getattr(clip, "text", clip)  # CustomTextCLIP keeps its tower in .text
         needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
         if not all(hasattr(tower, name) for name in needed):
-            raise ModelLoadError(f"{type(clip).__name__} has no open_clip text transformer (HF text towers are not supported)")
+            raise ModelLoadError(f"{type(clip).__name__} has no open_clip text transformer "
+                                 "(HF text towers are not supported)")
         if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
             raise ModelLoadError("text towers with a class token or a padding mask (CoCa-style) are not supported")
         self.tower = tower

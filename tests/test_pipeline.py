@@ -107,3 +107,22 @@ def test_command_line_errors_exit_2(tmp_path, capsys):
     assert purify_cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err
     assert evaluate_cli.main(["--model", str(tmp_path / "missing"), "--data", "digits"]) == 2
+
+
+def test_compiled_backends_agree_with_torch_on_the_reference_test_set(purified, tmp_path):
+    from export.aoti import export_aoti
+    from export.onnx import export_onnx
+    from export.parity import compare_on_images, failures
+
+    out, _ = purified
+    compiled = []
+    for precision in ("fp32", "fp16", "int8"):
+        export_onnx(out, tmp_path / f"{precision}.onnx", precision=precision)
+        compiled.append(tmp_path / f"{precision}.onnx")
+    export_aoti(out, tmp_path / "purified.pt2")
+    compiled.append(tmp_path / "purified.pt2")
+    test = load_dataset("fashion-mnist", "test")
+    results = compare_on_images(out, compiled, test.images)
+    assert failures(results) == []
+    assert {precision for precision, _ in results.values()} == {"fp32", "fp16", "int8"}
+    assert all(result.images == len(test.images) for _, result in results.values())

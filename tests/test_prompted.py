@@ -108,7 +108,8 @@ def test_bad_prompt_shapes_are_rejected(start_block, num_tokens):
 
 def test_resnet_towers_are_rejected():
     resnet = open_clip.model.CLIP(embed_dim=32, vision_cfg={"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
-                                  text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 1, "layers": 1})
+                                  text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 1,
+                                            "layers": 1})
     with pytest.raises(ModelLoadError, match="VisionTransformer"):
         PromptedVisionEncoder(resnet.visual)
 

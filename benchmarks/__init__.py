@@ -1,0 +1,1 @@
+"""Benchmarks that measure ratios side by side in one run (see docs/benchmarks/)."""
