@@ -371,14 +371,14 @@ def test_a_new_subcommand_is_one_function_and_one_parser_entry(capsys, monkeypat
     assert code == 2 and one_error_line(err) == "error: bad name"
 
 
-def test_python_dash_m_guard_in_a_subprocess(tmp_path, tiny_artifact):
+def test_python_dash_m_guard_in_a_subprocess(tmp_path):
     doctor = subprocess.run([sys.executable, "-m", "guard", "doctor", "--json"], cwd=ROOT, check=False,
                             capture_output=True, text=True, timeout=120)
     assert doctor.returncode == 0, doctor.stderr
     assert json.loads(doctor.stdout)["clip_guard"] == guard.__version__
 
-    missing = subprocess.run([sys.executable, "-m", "guard", "classify", str(tmp_path / "missing.png"),
-                              "--model", str(tiny_artifact.path)], cwd=ROOT, check=False, capture_output=True,
-                             text=True, timeout=120)
-    assert missing.returncode == 2 and missing.stdout == ""
-    assert "missing.png': no such file" in one_error_line(missing.stderr)
+    # A failing command: its exit code reaches the shell, with one line and no traceback.
+    missing = subprocess.run([sys.executable, "-m", "guard", "inspect", str(tmp_path / "nowhere")], cwd=ROOT,
+                             check=False, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 3 and missing.stdout == ""
+    assert "manifest.json is missing" in one_error_line(missing.stderr)
