@@ -305,7 +305,8 @@ def _check_kind(supported_dtype: bool, dtype, height_width) -> None:
 
 def _check_range(finite: bool, low_high, what: str) -> None:
     if not finite:
-        raise InputError(f"{what} has NaN or infinite values; replace them (e.g. np.nan_to_num) before classifying")
+        raise InputError(f"{what} has NaN or infinite values; replace them (numpy or torch nan_to_num) "
+                         "before classifying")
     low, high = low_high()
     if low < 0.0 or high > 1.0:
         raise InputError(f"float images must lie in [0, 1], but {what} has values in [{low:g}, {high:g}]; "
