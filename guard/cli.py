@@ -163,7 +163,8 @@ def run_classify(args) -> int:
     else:
         for record in records:
             if "error" not in record:
-                emit("\t".join([record["input"]] + [f"{pair['label']}\t{pair['prob']:.4f}" for pair in record["top_k"]]))
+                pairs = [f"{pair['label']}\t{pair['prob']:.4f}" for pair in record["top_k"]]
+                emit("\t".join([record["input"], *pairs]))
     return EXIT_USAGE if any("error" in record for record in records) else EXIT_OK
 
 

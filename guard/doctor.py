@@ -129,7 +129,8 @@ def _backends(cuda: dict, open_clip: dict, onnxruntime: dict, tensorrt: dict) ->
     result = {}
     for name in dict.fromkeys(KNOWN_BACKENDS + (accepted or ())):
         ok, why = usable.get(name, (None, "doctor has no check for this backend"))
-        result[name] = {"usable": ok, "why": why, "accepted_by_guard_load": None if accepted is None else name in accepted}
+        result[name] = {"usable": ok, "why": why,
+                        "accepted_by_guard_load": None if accepted is None else name in accepted}
     return result
 
 

@@ -101,7 +101,8 @@ def rgba(tmp):
 
 
 def la(tmp):
-    grey, alpha = pixels(30, 40, seed=13, channels=0), (pixels(30, 40, seed=14, channels=0) > 127).astype(np.uint8) * 255
+    grey = pixels(30, 40, seed=13, channels=0)
+    alpha = (pixels(30, 40, seed=14, channels=0) > 127).astype(np.uint8) * 255
     expected = composite_on_white(np.repeat(grey[..., None], 3, axis=2), alpha)
     return Image.fromarray(np.dstack([grey, alpha]), "LA"), Image.fromarray(expected)
 
@@ -277,7 +278,8 @@ CASES = {
     "zero-byte jpeg": Case(lambda t: write(t, "empty.jpg", b""), r"empty\.jpg' is an empty file"),
     "png cut in half": Case(truncated("PNG", 0.5), r"truncated\.png' could not be decoded: it is truncated"),
     "jpeg cut in half": Case(truncated("JPEG", 0.5), r"truncated\.jpeg' could not be decoded: it is truncated"),
-    "jpeg cut to 100 bytes": Case(truncated("JPEG", 0.03), r"truncated\.jpeg' is not an image Pillow can read: it is damaged"),
+    "jpeg cut to 100 bytes": Case(truncated("JPEG", 0.03),
+                                  r"truncated\.jpeg' is not an image Pillow can read: it is damaged"),
     "png cut after its header": Case(truncated("PNG", 0.01), r"truncated\.png' could not be decoded: it is truncated"),
     "png signature only": Case(lambda t: write(t, "sig.png", encoded(Image.new("L", (4, 4)), "PNG")[:8]),
                                r"sig\.png' is not an image Pillow can read: it is damaged"),
