@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -104,7 +105,7 @@ def _build_and_load(verbose: bool) -> None:
     # OSError, SubprocessError), or an unloadable library (OSError, ImportError).
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         _STATE.error = f"{type(error).__name__}: {error}".strip()
-        logger.warning("clip_guard C++ extension unavailable (%s); %s", _first_line(_STATE.error), BUILD_HINT)
+        logger.warning("clip_guard C++ extension unavailable (%s); %s", error_summary(), BUILD_HINT)
     else:
         from . import _registrations
         _registrations.register()
@@ -115,13 +116,20 @@ def _build_and_load(verbose: bool) -> None:
         _STATE.attempted = True
 
 
-def _first_line(text: str) -> str:
-    return text.splitlines()[0] if text else text
-
-
 def error() -> str | None:
-    """Why the extension is unavailable (None if it loaded or was never tried)."""
+    """Why the extension is unavailable, the whole build log (None if it loaded or was never tried)."""
     return _STATE.error
+
+
+def error_summary(max_lines: int = 3, width: int = 200) -> str | None:
+    """The lines of `error()` that say what went wrong (compiler errors, missing tools), shortened."""
+    if _STATE.error is None:
+        return None
+    lines = [line.strip() for line in _STATE.error.splitlines() if line.strip()]
+    telling = [line for line in lines if re.search(r"error|not found|no such|FAILED|undefined", line, re.IGNORECASE)
+               and not line.startswith(("RuntimeError: Error building", "FAILED:"))]
+    chosen = list(dict.fromkeys(telling or lines[-2:]))[:max_lines]  # in order, each once
+    return " | ".join(line if len(line) <= width else line[:width] + "..." for line in chosen)
 
 
 def registered_kernels() -> tuple[str, ...]:
@@ -141,7 +149,8 @@ class ExtensionStatus:
     available: bool
     attempted: bool
     kernels: tuple[str, ...]
-    error: str | None
+    error: str | None          # the whole build log of a failed build
+    error_summary: str | None  # its telling lines
     cuda_note: str | None
     build_directory: str | None
     load_seconds: float | None
@@ -159,5 +168,5 @@ def status(build: bool = True) -> dict:
         load()
     return ExtensionStatus(
         available=_STATE.available, attempted=_STATE.attempted, kernels=registered_kernels(), error=_STATE.error,
-        cuda_note=_STATE.cuda_note, build_directory=_STATE.build_directory, load_seconds=_STATE.seconds,
-        torch_version=torch.__version__).to_dict()
+        error_summary=error_summary(), cuda_note=_STATE.cuda_note, build_directory=_STATE.build_directory,
+        load_seconds=_STATE.seconds, torch_version=torch.__version__).to_dict()

@@ -14,10 +14,9 @@ from . import _build
 
 def _require() -> None:
     if not _build.load():
-        reason = (_build.error() or "unknown reason").strip().splitlines()
         raise MissingDependencyError(
-            f"the clip_guard C++ extension is not available ({reason[0] if reason else 'unknown reason'}); "
-            f"{_build.BUILD_HINT}. `python -m cpp_ext status` shows the full build log.")
+            f"the clip_guard C++ extension is not available ({_build.error_summary() or 'unknown reason'}); "
+            f"{_build.BUILD_HINT}. `python -m cpp_ext status` shows the whole build log.")
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
