@@ -118,13 +118,14 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"{manifest_path} is not valid JSON ({error}); the artifact is damaged") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path} is not a {FORMAT} manifest")
+    # Checksum before version: a damaged version key is damage, not a newer format.
+    if manifest.get("manifest_sha256") != sha256_bytes(_canonical(manifest)):
+        raise ChecksumError(f"{manifest_path} was modified after it was written (its checksum "
+                            "does not match); re-create the artifact or restore it from a copy")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(f"{directory} has format version {version!r}; this clip-guard "
                             f"({__version__}) reads up to {FORMAT_VERSION}: upgrade clip-guard")
-    if manifest.get("manifest_sha256") != sha256_bytes(_canonical(manifest)):
-        raise ChecksumError(f"{manifest_path} was modified after it was written (its checksum "
-                            "does not match); re-create the artifact or restore it from a copy")
     return manifest
 
 

@@ -88,12 +88,12 @@ def read_sidecar(model_path: str | Path, kind: str, verify_file: bool = True) ->
         raise ArtifactError(f"{path} is not valid JSON ({error}); re-run the export") from error
     if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a {FORMAT} sidecar")
+    if sidecar.get("sidecar_sha256") != sha256_bytes(_canonical(sidecar)):
+        raise ChecksumError(f"{path} was modified after it was written; re-run the export")
     version = sidecar.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(f"{path} has format version {version!r}; this clip-guard ({__version__}) reads "
                             f"up to {FORMAT_VERSION}: upgrade clip-guard")
-    if sidecar.get("sidecar_sha256") != sha256_bytes(_canonical(sidecar)):
-        raise ChecksumError(f"{path} was modified after it was written; re-run the export")
     if sidecar.get("kind") != kind:
         raise ArtifactError(f"{model_path} is a {sidecar.get('kind')!r} model, not {kind!r}")
     if sidecar.get("file") != model_path.name:
