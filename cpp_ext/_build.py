@@ -89,11 +89,33 @@ def load(verbose: bool = False) -> bool:
 
 def _build_and_load(verbose: bool) -> None:
     with_cuda, _STATE.cuda_note = cuda_build_possible()
+    start = time.perf_counter()
+    try:
+        error = _compile_and_load(with_cuda, verbose)
+        if error is not None and with_cuda:
+            # A broken CUDA toolchain must not cost the CPU kernels: try again without it.
+            _STATE.cuda_note = f"the CUDA build failed ({_summarise(error)}); built for the CPU only"
+            logger.warning("clip_guard CUDA kernels: %s", _STATE.cuda_note)
+            error = _compile_and_load(False, verbose)
+        if error is None:
+            from . import _registrations
+            _registrations.register()
+            _STATE.available = True
+            logger.info("clip_guard C++ extension loaded from %s", _STATE.build_directory)
+        else:
+            _STATE.error = error
+            logger.warning("clip_guard C++ extension unavailable (%s); %s", error_summary(), BUILD_HINT)
+    finally:
+        _STATE.seconds = round(time.perf_counter() - start, 3)
+        _STATE.attempted = True
+
+
+def _compile_and_load(with_cuda: bool, verbose: bool) -> str | None:
+    """Build (if the cache is stale) and load the library; the error text if that failed."""
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
     directory = build_directory(with_cuda)
     _STATE.with_cuda = with_cuda
     _STATE.build_directory = str(directory)
-    start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
         directory.mkdir(parents=True, exist_ok=True)
@@ -104,16 +126,8 @@ def _build_and_load(verbose: bool) -> None:
     # What a build or load can raise: compiler or ninja missing or failing (RuntimeError,
     # OSError, SubprocessError), or an unloadable library (OSError, ImportError).
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
-        _STATE.error = f"{type(error).__name__}: {error}".strip()
-        logger.warning("clip_guard C++ extension unavailable (%s); %s", error_summary(), BUILD_HINT)
-    else:
-        from . import _registrations
-        _registrations.register()
-        _STATE.available = True
-        logger.info("clip_guard C++ extension loaded from %s", directory)
-    finally:
-        _STATE.seconds = round(time.perf_counter() - start, 3)
-        _STATE.attempted = True
+        return f"{type(error).__name__}: {error}".strip()
+    return None
 
 
 def error() -> str | None:
@@ -123,9 +137,11 @@ def error() -> str | None:
 
 def error_summary(max_lines: int = 3, width: int = 200) -> str | None:
     """The lines of `error()` that say what went wrong (compiler errors, missing tools), shortened."""
-    if _STATE.error is None:
-        return None
-    lines = [line.strip() for line in _STATE.error.splitlines() if line.strip()]
+    return None if _STATE.error is None else _summarise(_STATE.error, max_lines, width)
+
+
+def _summarise(log: str, max_lines: int = 3, width: int = 200) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
     telling = [line for line in lines if re.search(r"error|not found|no such|FAILED|undefined", line, re.IGNORECASE)
                and not line.startswith(("RuntimeError: Error building", "FAILED:"))]
     chosen = list(dict.fromkeys(telling or lines[-2:]))[:max_lines]  # in order, each once
@@ -136,11 +152,15 @@ def registered_kernels() -> tuple[str, ...]:
     """The devices ('cpu', 'cuda') that have a kernel for every clip_guard operator."""
     if not _STATE.available:
         return ()
-    devices = []
-    for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"clip_guard::{op}", key) for op in OPERATORS):
-            devices.append(device)
-    return tuple(devices)
+    return tuple(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                 if all(_has_kernel(f"clip_guard::{op}", key) for op in OPERATORS))
+
+
+def _has_kernel(qualified_name: str, dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualified_name, dispatch_key)
+    except RuntimeError:  # the operator does not exist: the library is not loaded
+        return False
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,25 @@ print(json.dumps({"available": available, "message": message, "status": cpp_ext.
     assert "python -m cpp_ext build" in report["message"]
 
 
+def test_a_failed_cuda_build_falls_back_to_the_cpu_kernels(monkeypatch):
+    """Simulated (no CUDA toolchain here): the CUDA build fails, the CPU-only build then loads."""
+    from cpp_ext import _build, _registrations
+    attempts = []
+
+    def compile_and_load(with_cuda: bool, verbose: bool):
+        attempts.append(with_cuda)
+        return "RuntimeError: nvcc fatal : Unsupported gpu architecture 'compute_120'" if with_cuda else None
+
+    monkeypatch.setattr(_build, "_STATE", _build._State())
+    monkeypatch.setattr(_build, "cuda_build_possible", lambda: (True, None))
+    monkeypatch.setattr(_build, "_compile_and_load", compile_and_load)
+    monkeypatch.setattr(_registrations, "register", lambda: None)
+    assert _build.load() is True
+    assert attempts == [True, False]
+    assert "Unsupported gpu architecture" in _build.status(build=False)["cuda_note"]
+    assert _build.status(build=False)["error"] is None
+
+
 def test_build_directory_is_keyed_by_torch_version(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     directory = cpp_ext.build_directory(with_cuda=False)

@@ -81,8 +81,11 @@ at::Tensor prompt_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
     return prompt_attention_composite(q, k, v, prompt_k, prompt_v);  // float64 is for validation: the exact path
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor out = at::empty(q.sizes(), q.options());
   const int64_t batch = q.size(0), image_keys = k.size(2);
+  if (batch == 1) {
+    return StagingBuffer(prompt_k, prompt_v, image_keys).attend(q, k, v, 0).contiguous();  // no copy if contiguous
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) {
     return out;
   }
