@@ -4,8 +4,9 @@
 
 builds the reference CLIPs (clean and BadNet-backdoored, cached), purifies the
 backdoored one with RVPT and with plain VPT (alpha = 0) from 16 clean shots per
-class, classifies a few test images with the purified artifact through
-`guard.load`, and prints CA / ASR / PR before and after, also written to
+class, compiles the RVPT artifact to ONNX (prompts folded, checked against torch
+on the whole test set), classifies a few test images with the compiled model
+through `guard.load`, and prints CA / ASR / PR before and after, also written to
 RUNS/summary.json and RUNS/summary.png.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from guard import load
-from guard.errors import ClipGuardError
+from guard.errors import ClipGuardError, ExportError
 
 from .attacks import load_trigger
 from .data import load_dataset
@@ -40,21 +41,38 @@ def main(argv=None) -> int:
         zoo = build_zoo(args.zoo, progress=progress)
         rvpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "rvpt", progress=progress)
         vpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "vpt", alpha=0.0, progress=progress)
+        compiled = _compile(args.runs / "rvpt", args.runs / "rvpt.onnx")
     except ClipGuardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rows = {"backdoored": rvpt.before, "RVPT (alpha 2)": rvpt.after, "VPT (alpha 0)": vpt.after}
     print("\nFashion-MNIST test set, BadNet-backdoored reference CLIP, 16 shots per class\n")
     print(format_summary(rows))
-    _show_classifications(args.runs / "rvpt", zoo["badnet"])
+    _show_classifications(compiled, zoo["badnet"])
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "summary.json").write_text(json.dumps({k: v.to_dict() for k, v in rows.items()}, indent=2) + "\n")
     print(f"\nwrote {plot_summary(rows, args.runs / 'summary.png')} and {args.runs / 'summary.json'}")
     return 0
 
 
+def _compile(artifact: Path, out: Path) -> Path:
+    """Export the artifact to ONNX and check it against the torch model on the whole test set."""
+    from export.onnx import export_onnx
+    from export.parity import compare_on_images, failures
+
+    export_onnx(artifact, out)
+    test = load_dataset("fashion-mnist", "test")
+    ((precision, result),) = compare_on_images(artifact, [out], test.images).values()
+    print(f"\ncompiled {out}: top-1 agreement with torch {100 * result.top1_agreement:.2f} % and max |logit "
+          f"difference| {result.max_logit_diff:.1e} of the logit scale on {result.images} test images")
+    problems = failures({str(out): (precision, result)})
+    if problems:
+        raise ExportError("; ".join(problems))
+    return out
+
+
 def _show_classifications(artifact: Path, backdoored: Path, count: int = 6) -> None:
-    """Classify clean and triggered test images with the purified artifact via guard.load."""
+    """Classify clean and triggered test images with the served (compiled) model via guard.load."""
     test = load_dataset("fashion-mnist", "test")
     backdoor = load_trigger(backdoored)
     with load(artifact) as guard:
