@@ -406,6 +406,33 @@ def test_operators_are_drop_in_replacements_in_the_prompted_models(ext, monkeypa
         torch.testing.assert_close(fold(model)(images)[0], folded_logits, atol=1e-4, rtol=1e-4)
 
 
+# --- the benchmark ------------------------------------------------------------------------
+
+def test_benchmark_default_on_rule():
+    from benchmarks.prompt_attention import Comparison, default_on
+    fast = [Comparison("cpu", batch, 2.0, 3.0, 2.0) for batch in (1, 32, 256)]
+    slow_at_32 = [Comparison("cpu", 32, 0.99, 3.0, 0.99), Comparison("cpu", 256, 1.5, 3.0, 1.5)]
+    slow_at_1 = [Comparison("cpu", 1, 0.5, 1.0, 0.5)] + fast[1:]
+    assert default_on(fast) == {"cpu": True}
+    assert default_on(slow_at_32) == {"cpu": False}
+    assert default_on(slow_at_1) == {"cpu": True}  # batch 1 does not count
+    assert default_on(fast[:2]) == {"cpu": None}  # batch 256 not measured: no decision
+
+
+def test_benchmark_runs_and_updates_a_document(ext, tmp_path):
+    from benchmarks.prompt_attention import DOC_END, DOC_START, main
+    document = tmp_path / "doc.md"
+    document.write_text(f"before\n{DOC_START}\nold table\n{DOC_END}\nafter\n")
+    assert main(["--batches", "1,2", "--repeats", "2", "--devices", "cpu", "--out", str(tmp_path),
+                 "--update-doc", str(document)]) == 0
+    report = json.loads((tmp_path / "prompt_attention.json").read_text())
+    assert {m["method"] for m in report["measurements"]} == {"fused", "folded", "literal"}
+    assert report["default_on"] == {"cpu": None}
+    text = document.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
+    assert "| cpu | 2 |" in text
+
+
 # --- CUDA ---------------------------------------------------------------------------------
 
 CUDA_ATTENTION_SHAPES = ATTENTION_SHAPES + [
