@@ -15,6 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[training,onnxruntime,test]"
+	-$(PY) -m cpp_ext build  # the fused C++ operator (about 30 s); optional: serving falls back without it
 	touch $@
 
 # Debian's Fashion-MNIST: the reference benchmark's data.
@@ -26,4 +27,4 @@ demo: install data
 	$(PY) -m training
 
 test: install data
-	CLIP_GUARD_REQUIRE_DATA=1 $(PY) -m pytest
+	CLIP_GUARD_REQUIRE_DATA=1 CLIP_GUARD_REQUIRE_EXT=1 $(PY) -m pytest

@@ -35,7 +35,7 @@ import torch
 from guard._compat import import_open_clip
 from guard.artifact import load_artifact, save_artifact
 from guard.backends import AOTIBackend, Backend, OnnxRuntimeBackend, TorchBackend
-from guard.folded import fold
+from guard.folded import fold, fused_attention_available
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder
 from guard.runtime import build_classifier
@@ -44,6 +44,8 @@ from guard.sidecar import read_sidecar
 log = logging.getLogger("benchmarks.inference")
 
 FORMS = ("plain", "literal", "folded")
+# eager torch also runs the folded form through the clip_guard C++ operator when it is built
+FUSED = "folded+fused"
 BACKENDS = ("torch", "onnxruntime", "aoti")
 # name -> (open_clip architecture or config, image size, prompt start block, prompt tokens, classes)
 MODELS = {
@@ -101,7 +103,7 @@ def build_backend(backend: str, form: str, artifacts: dict[str, Path], directory
     cpu = torch.device("cpu")
     if backend == "torch":
         model = build_classifier(load_artifact(artifact), cpu)
-        return TorchBackend(model if form == "literal" else fold(model), cpu)
+        return TorchBackend(model if form == "literal" else fold(model, fused=form == FUSED), cpu)
     if backend == "onnxruntime":
         from export.onnx import export_onnx
         path = directory / f"{form}.onnx"
@@ -163,18 +165,19 @@ def run(models, backends, batches, seconds: float, memory: bool) -> list[Measure
             artifacts = write_artifacts(model_name, scratch)
             for backend in backends:
                 log.info("%s / %s: building the three forms", model_name, backend)
-                engines = {form: build_backend(backend, form, artifacts, scratch) for form in FORMS}
+                forms = FORMS + ((FUSED,) if backend == "torch" and fused_attention_available() else ())
+                engines = {form: build_backend(backend, form, artifacts, scratch) for form in forms}
                 for batch in batches:
                     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
                     times = time_forms(engines, images, seconds)
-                    for form in FORMS:
+                    for form in forms:
                         median = statistics.median(times[form])
                         peak = (peak_memory_mib(backend, form, artifacts, scratch, batch, image_size)
                                 if memory else None)
                         results.append(Measurement(model_name, backend, form, batch, round(1000 * median, 3),
                                                    round(batch / median, 1), len(times[form]), peak))
                     log.info("%s / %s / batch %d: %s", model_name, backend, batch,
-                             ", ".join(f"{r.form} {r.median_ms:.1f} ms" for r in results[-3:]))
+                             ", ".join(f"{r.form} {r.median_ms:.1f} ms" for r in results[-len(forms):]))
                 for engine in engines.values():
                     engine.close()
     return results
@@ -191,6 +194,9 @@ def ratios(results: list[Measurement]) -> list[dict]:
         row = {"model": model, "backend": backend, "batch": batch,
                "folded_over_plain": round(index[(model, backend, "folded", batch)] / plain, 3),
                "literal_over_plain": round(index[(model, backend, "literal", batch)] / plain, 3)}
+        fused = index.get((model, backend, FUSED, batch))
+        if fused is not None:
+            row["fused_over_plain"] = round(fused / plain, 3)
         torch_folded = index.get((model, "torch", "folded", batch))
         if torch_folded is not None:
             row["speedup_over_torch_folded"] = round(torch_folded / index[(model, backend, "folded", batch)], 3)
@@ -204,11 +210,14 @@ def markdown(results: list[Measurement], ratio_rows: list[dict], environment: di
              f"torch {environment['torch']}, onnxruntime {environment['onnxruntime']}. "
              "Median latency of one batch of preprocessed images; the three forms ran round-robin in one process.",
              "", "## Cost ratios (latency relative to the plain CLIP on the same backend and batch)", "",
-             "| model | backend | batch | folded / plain | literal / plain | speed-up over eager torch (folded) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| model | backend | batch | folded / plain | literal / plain | folded+fused / plain "
+             "| speed-up over eager torch (folded) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in ratio_rows:
+        fused = f"{row['fused_over_plain']:.3f}" if "fused_over_plain" in row else "–"
         lines.append(f"| {row['model']} | {row['backend']} | {row['batch']} | {row['folded_over_plain']:.3f} | "
-                     f"{row['literal_over_plain']:.3f} | {row.get('speedup_over_torch_folded', float('nan')):.2f}x |")
+                     f"{row['literal_over_plain']:.3f} | {fused} | "
+                     f"{row.get('speedup_over_torch_folded', float('nan')):.2f}x |")
     lines += ["", "## Measurements", "",
               "| model | backend | form | batch | median ms | images/s | repeats | peak MiB |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]

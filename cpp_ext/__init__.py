@@ -10,7 +10,7 @@ and export, and autograd. Importing this package builds nothing: the first call 
 recorded, never raised, and the wrappers then raise `MissingDependencyError`.
 See docs/cpp_ext.md.
 """
-from ._build import ExtensionStatus, build_directory, load, status
+from ._build import ExtensionStatus, build_directory, load, load_if_built, status
 from .nvcc import ARCHITECTURES, CudaCompileResult, compile_cuda_kernels, find_nvcc
 from .ops import insert_prompts, prompt_attention
 
@@ -21,4 +21,5 @@ def is_available() -> bool:
 
 
 __all__ = ["ARCHITECTURES", "CudaCompileResult", "ExtensionStatus", "build_directory", "compile_cuda_kernels",
-           "find_nvcc", "insert_prompts", "is_available", "load", "prompt_attention", "status"]
+           "find_nvcc", "insert_prompts", "is_available", "load", "load_if_built", "prompt_attention",
+           "status"]

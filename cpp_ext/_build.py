@@ -87,6 +87,18 @@ def load(verbose: bool = False) -> bool:
     return _STATE.available
 
 
+def load_if_built() -> bool:
+    """Load the extension only if a build is already cached here (never compiles); True if it loaded.
+
+    What serving uses: loading a model must not start a minute-long compile."""
+    if _STATE.attempted:
+        return _STATE.available
+    with_cuda, _ = cuda_build_possible()
+    if not (build_directory(with_cuda) / f"{EXTENSION_NAME}.so").is_file():
+        return False
+    return load()
+
+
 def _build_and_load(verbose: bool) -> None:
     with_cuda, _STATE.cuda_note = cuda_build_possible()
     start = time.perf_counter()

@@ -58,6 +58,9 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             return _outputs_to_cpu(*self.model(images.to(self.device)))
 
+    def describe(self) -> dict:
+        return {**super().describe(), "fused_attention": bool(getattr(self.model, "fused", False))}
+
 
 def _import_onnxruntime():
     try:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ModelLoadError
+from .errors import MissingDependencyError, ModelLoadError
 from .prompted import PromptedCLIP, PromptedVisionEncoder, class_logits
 
 
@@ -51,15 +51,34 @@ def _check_foldable(block: nn.Module, index: int) -> None:
         raise ModelLoadError(f"block {index} of the image tower cannot be folded: {'; '.join(problems)}")
 
 
+def fused_attention_available() -> bool:
+    """Whether the clip_guard C++ operator (cpp_ext) is built here and loaded.
+
+    Serving never compiles it (`python -m cpp_ext build` does, as `make install` runs);
+    a missing build just means the standard-operator form."""
+    try:
+        import cpp_ext
+    except ImportError:
+        return False
+    return cpp_ext.load_if_built()
+
+
+def _fused_attention(q, k, v, prompt_k, prompt_v):
+    return torch.ops.clip_guard.prompt_attention(q, k, v, prompt_k, prompt_v)
+
+
 class FoldedBlock(nn.Module):
     """One open_clip ResidualAttentionBlock whose prompt is folded into constant keys and values.
 
-    It shares the block's (frozen) weights and adds only the two constant buffers."""
+    It shares the block's (frozen) weights and adds only the two constant buffers.
+    fused: compute the attention with the clip_guard C++ operator instead of
+    concatenation + scaled_dot_product_attention (same result, no batch-expanded copies)."""
 
-    def __init__(self, block: nn.Module, prompt: torch.Tensor, index: int = 0):
+    def __init__(self, block: nn.Module, prompt: torch.Tensor, index: int = 0, fused: bool = False):
         super().__init__()
         _check_foldable(block, index)
         self.block = block
+        self.fused = fused
         self.num_heads = block.attn.num_heads
         with torch.no_grad():
             _, prompt_k, prompt_v = self._project(block.ln_1(prompt.unsqueeze(0)))
@@ -81,7 +100,8 @@ class FoldedBlock(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         block = self.block
         q, k, v = self._project(block.ln_1(tokens))
-        mixed = attend_with_prompts(q, k, v, self.prompt_k.to(q.dtype), self.prompt_v.to(q.dtype))
+        attend = _fused_attention if self.fused else attend_with_prompts
+        mixed = attend(q, k, v, self.prompt_k.to(q.dtype), self.prompt_v.to(q.dtype))
         mixed = block.attn.out_proj(mixed.transpose(1, 2).reshape(tokens.shape))
         tokens = tokens + block.ls_1(mixed)
         return tokens + block.ls_2(block.mlp(block.ln_2(tokens)))
@@ -90,7 +110,7 @@ class FoldedBlock(nn.Module):
 class FoldedCLIP(nn.Module):
     """The folded equivalent of a `PromptedCLIP`: same (logits, embedding) outputs."""
 
-    def __init__(self, model: PromptedCLIP):
+    def __init__(self, model: PromptedCLIP, fused: bool = False):
         super().__init__()
         encoder: PromptedVisionEncoder = model.encoder
         self.encoder = encoder
@@ -98,10 +118,14 @@ class FoldedCLIP(nn.Module):
         start = prompts.start_block if prompts is not None else encoder.num_blocks
         blocks = list(encoder.blocks[:start])
         for index in range(start, encoder.num_blocks):
-            blocks.append(FoldedBlock(encoder.blocks[index], prompts.tokens[index - start].detach(), index))
+            blocks.append(FoldedBlock(encoder.blocks[index], prompts.tokens[index - start].detach(), index, fused))
         self.blocks = nn.ModuleList(blocks)
         self.register_buffer("text_features", model.text_features.clone())
         self.logit_scale = model.logit_scale
+
+    @property
+    def fused(self) -> bool:
+        return any(getattr(block, "fused", False) for block in self.blocks)
 
     @property
     def num_folded_blocks(self) -> int:
@@ -116,8 +140,18 @@ class FoldedCLIP(nn.Module):
         return class_logits(embedding, self.text_features, self.logit_scale), embedding
 
 
-def fold(model: PromptedCLIP) -> FoldedCLIP:
-    """The serving form of `model`, frozen and in eval mode."""
-    folded = FoldedCLIP(model).eval()
+def fold(model: PromptedCLIP, fused: bool | None = False) -> FoldedCLIP:
+    """The serving form of `model`, frozen and in eval mode.
+
+    fused: use the clip_guard C++ attention operator; None uses it where it is
+    measured faster and available: on the CPU when cpp_ext is built (docs/cpp_ext.md;
+    its CUDA kernel has not been measured yet, so CUDA stays on standard operators)."""
+    if fused is None:
+        on_cpu = next(model.encoder.parameters()).device.type == "cpu"
+        fused = on_cpu and fused_attention_available()
+    elif fused and not fused_attention_available():
+        raise MissingDependencyError("fused=True needs the clip_guard C++ operator: build it with "
+                                     "`python -m cpp_ext build`")
+    folded = FoldedCLIP(model, fused).eval()
     folded.requires_grad_(False)
     return folded

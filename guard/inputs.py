@@ -82,24 +82,32 @@ def to_tensor(item) -> torch.Tensor:
     raise InputError(f"cannot read an image from a {type(item).__name__}; expected {ACCEPTED}{_type_hint(item)}")
 
 
-def prepare_batch(items: Sequence, preprocess: Preprocess, device: torch.device | None = None,
-                  first_index: int = 0) -> torch.Tensor:
-    """Images of any sizes -> normalised model input [N, 3, S, S] on `device`.
+def resize_batch(items: Sequence, preprocess: Preprocess, device: torch.device | None = None,
+                 first_index: int | None = 0) -> torch.Tensor:
+    """Images of any sizes -> resized float images [N, 3, S, S] in [0, 1] on `device`.
 
     first_index: position of items[0] in the caller's list, so an error names the
-    input the caller knows ("input 3: ...")."""
+    input the caller knows ("input 3: ..."); None for a single image, named by nothing."""
     if len(items) == 0:
         raise InputError("no images to prepare")
     resized = []
-    for index, item in enumerate(items, start=first_index):
+    for index, item in enumerate(items, start=first_index or 0):
         try:
             image = to_tensor(item)
             _check_resizable(image.shape[-2:], preprocess)
             # Sizes differ from image to image, so each is resized on its own before stacking.
             resized.append(preprocess.resize(image.unsqueeze(0).to(device)))
         except InputError as error:
+            if first_index is None:
+                raise
             raise InputError(f"input {index}: {error}") from error
-    return preprocess.normalize(torch.cat(resized))
+    return torch.cat(resized)
+
+
+def prepare_batch(items: Sequence, preprocess: Preprocess, device: torch.device | None = None,
+                  first_index: int | None = 0) -> torch.Tensor:
+    """Images of any sizes -> normalised model input [N, 3, S, S] (see resize_batch)."""
+    return preprocess.normalize(resize_batch(items, preprocess, device, first_index))
 
 
 # --- PIL images and files -----------------------------------------------------------------

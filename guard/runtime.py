@@ -231,9 +231,9 @@ def _load_artifact(path: Path, device: torch.device) -> Guard:
         preprocess = artifact.preprocess
     except (KeyError, TypeError, InputError) as error:
         raise ArtifactError(f"the preprocess entry of {artifact.path}'s manifest is unusable ({error!r})") from error
-    model = fold(build_classifier(artifact, device))
-    log.info("loaded %s: %d classes, %d folded prompt blocks, backend torch on %s", artifact.path,
-             len(artifact.classes), model.num_folded_blocks, device)
+    model = fold(build_classifier(artifact, device), fused=None)
+    log.info("loaded %s: %d classes, %d folded prompt blocks (%s attention), backend torch on %s", artifact.path,
+             len(artifact.classes), model.num_folded_blocks, "fused C++" if model.fused else "standard", device)
     return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest)
 
 

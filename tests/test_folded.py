@@ -1,5 +1,6 @@
 """The folded serving form against the literal prompt-concatenation form it replaces."""
 import copy
+import os
 
 import pytest
 import torch
@@ -125,3 +126,19 @@ def test_folded_form_computes_no_projection_or_mlp_for_prompt_tokens():
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     assert folded_flops == plain_flops < literal_flops
+
+
+def test_fused_operator_gives_the_folded_result():
+    from guard.folded import fused_attention_available
+
+    if not fused_attention_available():
+        if os.environ.get("CLIP_GUARD_REQUIRE_EXT") == "1":
+            pytest.fail("the clip_guard C++ operator is not built (python -m cpp_ext build)")
+        pytest.skip("the clip_guard C++ operator is not built (python -m cpp_ext build)")
+    model = prompted_model(random_clip(11), 1, 5)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    standard, fused = fold(model, fused=False), fold(model, fused=True)
+    assert fused.fused and not standard.fused and fold(model, fused=None).fused  # on by default on the CPU
+    with torch.no_grad():
+        torch.testing.assert_close(fused(images)[1], standard(images)[1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(fused(images)[1], model(images)[1], atol=2e-5, rtol=1e-4)
