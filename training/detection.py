@@ -1,0 +1,351 @@
+"""How well the per-input trigger alert (guard.alerts) tells triggered from clean images.
+
+    python -m training.detection --model M --attack BACKDOORED_DIR [--images N] [--json OUT] [--plot OUT.png]
+
+M is a purified artifact or a CLIP directory (as for training.evaluate); BACKDOORED_DIR holds
+the trigger and target (trigger.json) to apply. Clean set: N seeded test images. Triggered
+set: the same images with the trigger, those of the target class left out. For every
+candidate alert (statistic x perturbations), STRIP (Gao et al. 2019) with the same number
+of extra forward passes, and an adaptive attacker, it reports AUROC and the TPR at 1 % and
+5 % FPR, the threshold being that quantile of the clean scores. "hit" columns count only
+the triggered images the model classifies as the target (those the alert must catch).
+
+Adaptive attacker (white-box, knows the alert): the BadNet patch's pixel values are
+optimised on training images, at the patch's position, for cross-entropy towards the
+target plus `weight` x the mean alert score over the alert's own perturbations (they are
+deterministic, so the expectation over the family is this mean). "evade" is the fraction
+of triggered non-target images that reach the target and are not flagged at 1 % FPR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from guard.alerts import AlertConfig, alert_scores, calibrate_threshold, expand_batch
+from guard.errors import ClipGuardError, InputError
+from guard.preprocess import Preprocess
+
+from .attacks import Backdoor, BadNet, load_trigger
+from .data import load_dataset
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+DEFAULT = AlertConfig()
+
+
+def _cfg(statistic: str, *perturbations: str) -> AlertConfig:
+    return AlertConfig(perturbations, statistic)
+
+
+# The alerts compared; docs/detection.md has the measured table.
+CANDIDATES: tuple[AlertConfig, ...] = (
+    DEFAULT,
+    _cfg("pr", "open:3", "median:3"),
+    _cfg("pr_abs", "open:3", "median:3"),
+    _cfg("feature", "open:3", "median:3"),
+    _cfg("logit", "open:3", "median:3"),
+    _cfg("kl", "open:3", "median:3"),
+    _cfg("pr", "open:3", "median:3", "hflip", "downup:3"),
+    _cfg("pr_terms", "open:3", "median:3", "hflip", "downup:3"),
+    _cfg("pr_terms", "open:3"),
+    _cfg("pr_terms", "median:3"),
+    _cfg("pr_terms", "blur:5"),
+    _cfg("pr_terms", "downup:2"),
+    _cfg("pr_terms", "close:3"),
+    _cfg("pr_terms", "hflip"),
+    _cfg("pr_terms", "quant:4"),
+    _cfg("pr_terms", "noise:0.1"),
+    _cfg("pr", "noise:0.03"),
+    _cfg("pr", "blur:5"),
+)
+
+
+def config_name(config: AlertConfig) -> str:
+    return f"{config.statistic}[{','.join(p.replace(':', '') for p in config.perturbations)}]"
+
+
+def parse_alert(spec: str) -> AlertConfig:
+    """'STATISTIC=P1+P2+...' (as --adaptive-alert takes it) -> AlertConfig."""
+    statistic, sep, perturbations = spec.partition("=")
+    if not sep or not perturbations:
+        raise InputError(f"an alert is written STATISTIC=P1+P2, e.g. pr_terms=open:3+median:3; got {spec!r}")
+    return AlertConfig(tuple(perturbations.split("+")), statistic)
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+def auroc(clean: torch.Tensor, triggered: torch.Tensor) -> float:
+    """P(triggered score > clean score) + P(tie) / 2 (the Mann-Whitney form of the ROC area)."""
+    clean, triggered = clean.double().flatten(), triggered.double().flatten()
+    if not len(clean) or not len(triggered):
+        return float("nan")
+    ordered = clean.sort().values
+    below = torch.searchsorted(ordered, triggered, right=False)
+    not_above = torch.searchsorted(ordered, triggered, right=True)
+    return ((below + not_above).double().sum() / (2.0 * len(clean) * len(triggered))).item()
+
+
+def detection_metrics(clean: torch.Tensor, triggered: torch.Tensor) -> dict:
+    """AUROC and, at 1 % and 5 % FPR, the threshold (clean quantile) and TPR, as fractions."""
+    result = {"auroc": auroc(clean, triggered), "n_clean": len(clean), "n_triggered": len(triggered)}
+    for fpr, tag in ((0.01, "1"), (0.05, "5")):
+        threshold = calibrate_threshold(clean, fpr)
+        result[f"threshold@{tag}"] = threshold
+        result[f"tpr@{tag}"] = (triggered > threshold).double().mean().item() if len(triggered) else float("nan")
+    return result
+
+
+# --- scores ----------------------------------------------------------------------------
+
+def alert_scores_of(forward: Forward, preprocess: Preprocess, images: torch.Tensor, config: AlertConfig,
+                    batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [N], logits [N, C] of the unperturbed images) for resized images [N, 3, S, S],
+    one forward call of N * (1 + K) rows per batch, as serving runs it."""
+    scores, logits = [], []
+    with torch.no_grad():
+        for batch in images.split(batch_size):
+            out_logits, embedding = forward(preprocess.normalize(expand_batch(batch, config)))
+            scores.append(alert_scores(out_logits, embedding, len(batch), config))
+            logits.append(out_logits[:len(batch)].float())
+    return torch.cat(scores), torch.cat(logits)
+
+
+def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor, overlays: torch.Tensor,
+                 batch_size: int = 256) -> torch.Tensor:
+    """STRIP: minus the mean prediction entropy over 0.5 x image + 0.5 x overlay for each
+    overlay (resized clean held-out images); higher = lower entropy = more suspicious."""
+    scores = []
+    with torch.no_grad():
+        for batch in images.split(batch_size):
+            blended = torch.cat([0.5 * batch + 0.5 * overlay for overlay in overlays])
+            logits, _ = forward(preprocess.normalize(blended))
+            logp = logits.float().log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1).view(len(overlays), len(batch))
+            scores.append(-entropy.mean(0))
+    return torch.cat(scores)
+
+
+# --- adaptive attacker -----------------------------------------------------------------
+
+def adaptive_trigger(model: torch.nn.Module, preprocess: Preprocess, backdoor: Backdoor, images: torch.Tensor,
+                     config: AlertConfig, weight: float, steps: int = 100, batch_size: int = 128,
+                     lr: float = 0.05, seed: int = 0) -> BadNet:
+    """A BadNet patch (same size and position as backdoor's) whose pixel values minimise
+    CE(target) + weight * mean alert score on `images` (resized, not of the target class)."""
+    trigger = backdoor.trigger
+    if not isinstance(trigger, BadNet) or trigger.position != "seeded":
+        raise InputError("the adaptive attacker optimises a fixed-position BadNet patch; "
+                         f"this backdoor's trigger is {trigger.name} {trigger.params()}")
+    size, (row, col), side = trigger.patch_size, trigger.corner, trigger.image_size
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., row:row + size, col:col + size] = 1.0
+    pad = (col, side - col - size, row, side - row - size)
+    pattern = trigger.pattern.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([pattern], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.full((batch_size,), backdoor.target, dtype=torch.long)
+    model.requires_grad_(False)
+    for _ in range(steps):
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        patched = batch * (1 - mask) + mask * F.pad(pattern, pad)
+        logits, embedding = model(preprocess.normalize(expand_batch(patched, config)))
+        loss = F.cross_entropy(logits[:batch_size], target) \
+            + weight * alert_scores(logits, embedding, batch_size, config).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            pattern.clamp_(0.0, 1.0)
+    return BadNet(side, trigger.seed, size, "seeded", pattern.detach().clone())
+
+
+# --- the evaluation --------------------------------------------------------------------
+
+def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: torch.Tensor, labels: torch.Tensor,
+                       backdoor: Backdoor, candidates: Sequence[AlertConfig] = CANDIDATES,
+                       overlays: Optional[torch.Tensor] = None, strip_counts: Sequence[int] = (2, 8),
+                       attack_images: Optional[torch.Tensor] = None, adaptive_weights: Sequence[float] = (),
+                       adaptive_steps: int = 100, adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,),
+                       seed: int = 0) -> dict:
+    """Detection results for uint8 test images [N, C, H, W] with labels [N] on `model`
+    (a module returning (logits, embedding)). overlays: uint8 clean held-out images for
+    STRIP; attack_images: uint8 images the adaptive attacker trains on (not the test set),
+    once per alert in adaptive_alerts and weight in adaptive_weights.
+    Every candidate's scores are stored under "scores" for plots (clean, triggered lists)."""
+    model.eval()
+    forward: Forward = model
+    clean = preprocess.resize(images)
+    others = labels != backdoor.target
+    triggered = backdoor.trigger(clean[others])
+    result = {"n_clean": len(clean), "n_triggered": len(triggered), "target": backdoor.target,
+              "target_name": backdoor.target_name, "candidates": {}, "strip": {}, "adaptive": [], "scores": {}}
+
+    def measure(clean_scores, trig_scores, trig_logits, passes, extra=None):
+        entry = {"passes": passes, **(extra or {}), **detection_metrics(clean_scores, trig_scores)}
+        hit = trig_logits.argmax(-1) == backdoor.target
+        entry["asr"] = hit.double().mean().item() if len(hit) else float("nan")
+        entry["hit"] = detection_metrics(clean_scores, trig_scores[hit]) if hit.any() else None
+        return entry
+
+    clean_scores_of = {}
+    for config in candidates:
+        name = config_name(config)
+        clean_scores, _ = alert_scores_of(forward, preprocess, clean, config)
+        trig_scores, trig_logits = alert_scores_of(forward, preprocess, triggered, config)
+        result["candidates"][name] = measure(clean_scores, trig_scores, trig_logits, 1 + config.num_perturbations,
+                                             {"config": config.to_dict(), "default": config == DEFAULT})
+        result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
+        clean_scores_of[config] = clean_scores
+    result["default"] = config_name(DEFAULT)
+    result["asr"] = next(iter(result["candidates"].values()))["asr"] if candidates else None
+
+    if overlays is not None:
+        overlay_images = preprocess.resize(overlays)
+        with torch.no_grad():
+            trig_logits = forward(preprocess.normalize(triggered))[0].float()
+        for count in strip_counts:
+            chosen = overlay_images[:count]
+            result["strip"][f"strip-{count}"] = measure(strip_scores(forward, preprocess, clean, chosen),
+                                                        strip_scores(forward, preprocess, triggered, chosen),
+                                                        trig_logits, 1 + count)
+
+    if adaptive_weights and (attack_images is None or not len(attack_images)):
+        log.warning("no images for the adaptive attacker to train on; it is skipped")
+    elif adaptive_weights:
+        train = preprocess.resize(attack_images)
+        for config, weight in [(config, weight) for config in adaptive_alerts for weight in adaptive_weights]:
+            if config not in clean_scores_of:
+                clean_scores_of[config] = alert_scores_of(forward, preprocess, clean, config)[0]
+            clean_scores = clean_scores_of[config]
+            trigger = adaptive_trigger(model, preprocess, backdoor, train, config, weight, adaptive_steps, seed=seed)
+            scores, logits = alert_scores_of(forward, preprocess, trigger(clean[others]), config)
+            entry = measure(clean_scores, scores, logits, 1 + config.num_perturbations,
+                            {"alert": config_name(config), "weight": weight})
+            hit = logits.argmax(-1) == backdoor.target
+            entry["evade@1"] = (hit & (scores <= calibrate_threshold(clean_scores, 0.01))).double().mean().item()
+            result["adaptive"].append(entry)
+            result["scores"][f"adaptive {config_name(config)} w={weight:g}"] = (clean_scores.tolist(), scores.tolist())
+    return result
+
+
+def format_table(result: dict) -> str:
+    """One row per alert: passes (1 + K), AUROC, TPR at 1 % / 5 % FPR, the same on hits."""
+    header = (f"{'alert':<52}{'passes':>7}{'AUROC':>8}{'TPR@1%':>8}{'TPR@5%':>8}"
+              f"{'hit AUROC':>11}{'hit TPR@1%':>12}{'ASR':>7}{'evade@1%':>10}")
+    lines = [header, "-" * len(header)]
+
+    def row(label, entry):
+        hit = entry.get("hit") or {}
+        evade = entry.get("evade@1")
+        lines.append(f"{label:<52}{entry['passes']:>7}{entry['auroc']:>8.3f}{entry['tpr@1']:>8.3f}"
+                     f"{entry['tpr@5']:>8.3f}{hit.get('auroc', float('nan')):>11.3f}"
+                     f"{hit.get('tpr@1', float('nan')):>12.3f}{entry['asr']:>7.3f}"
+                     + (f"{evade:>10.3f}" if evade is not None else f"{'':>10}"))
+
+    for name, entry in result["candidates"].items():
+        row(name + (" (default)" if entry.get("default") else ""), entry)
+    for name, entry in result["strip"].items():
+        row(name, entry)
+    for entry in result["adaptive"]:
+        row(f"adaptive vs {entry['alert']} w={entry['weight']:g}", entry)
+    return "\n".join(lines)
+
+
+def plot_scores(result: dict, out: str | Path, names: Optional[Sequence[str]] = None) -> Path:
+    """Histograms of clean vs triggered scores, one panel per alert in `names` (default:
+    the default alert, STRIP-free, and every adaptive run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(names or [n for n in result["scores"]
+                           if n == result["default"] or n.startswith(f"adaptive {result['default']}")])
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        clean, triggered = (torch.tensor(s, dtype=torch.float64) for s in result["scores"][name])
+        low, high = torch.cat([clean, triggered]).min().item(), torch.cat([clean, triggered]).max().item()
+        bins = torch.linspace(low, high if high > low else low + 1e-6, 50).tolist()
+        axis.hist(clean.tolist(), bins=bins, alpha=0.6, density=True, label=f"clean ({len(clean)})")
+        axis.hist(triggered.tolist(), bins=bins, alpha=0.6, density=True, label=f"triggered ({len(triggered)})")
+        if len(clean):
+            axis.axvline(calibrate_threshold(clean, 0.01), color="k", linestyle="--", label="1 % FPR threshold")
+        axis.set_yscale("log")
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("alert score (higher = more suspicious)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .evaluate import _model_image_size, load_classifier
+
+    parser = argparse.ArgumentParser(prog="python -m training.detection", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="purified artifact directory or CLIP directory")
+    parser.add_argument("--attack", required=True, help="backdoored model directory whose trigger and target to apply")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--images", type=int, default=2000, help="clean test images (seeded choice)")
+    parser.add_argument("--candidates", choices=("all", "default"), default="all")
+    parser.add_argument("--strip", default="2,8", help="STRIP overlay counts, comma-separated ('' skips STRIP)")
+    parser.add_argument("--adaptive-weights", default="10,100",
+                        help="alert-score weights of the adaptive attacker, comma-separated ('' skips it)")
+    parser.add_argument("--adaptive-steps", type=int, default=100)
+    parser.add_argument("--adaptive-alert", action="append", metavar="STATISTIC=P1+P2",
+                        help="alert the adaptive attacker targets, e.g. pr=open:3+median:3 (repeatable; "
+                             "default: the default alert)")
+    parser.add_argument("--json", type=Path, help="write the results (scores included) here")
+    parser.add_argument("--plot", type=Path, help="write score histograms here (.png)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        strip_counts = [int(v) for v in args.strip.split(",") if v.strip()]
+        weights = [float(v) for v in args.adaptive_weights.split(",") if v.strip()]
+        adaptive_alerts = [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT]
+        if args.images < 1 or any(c < 1 for c in strip_counts) or args.adaptive_steps < 0:
+            raise InputError("--images and STRIP counts must be positive, --adaptive-steps not negative")
+        image_size = _model_image_size(args.model)
+        test = load_dataset(args.data, "test", image_size=image_size)
+        train = load_dataset(args.data, "train", image_size=image_size)
+        model, preprocess = load_classifier(args.model, test.classes)
+        backdoor = load_trigger(Path(args.attack))
+        chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.images]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1))
+        overlays = train.images[order[:max(strip_counts, default=0)]]
+        attack_pool = order[max(strip_counts, default=0):]
+        attack_pool = attack_pool[train.labels[attack_pool] != backdoor.target][:5000]
+        result = evaluate_detection(model, preprocess, test.images[chosen], test.labels[chosen], backdoor,
+                                    CANDIDATES if args.candidates == "all" else (DEFAULT,),
+                                    overlays if strip_counts else None, strip_counts,
+                                    train.images[attack_pool], weights, args.adaptive_steps, adaptive_alerts,
+                                    args.seed)
+    except (ClipGuardError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result.update(model=args.model, attack=args.attack, data=args.data, seed=args.seed)
+    print(f"{args.model} / trigger of {args.attack}: {result['n_clean']} clean, {result['n_triggered']} triggered "
+          f"(target {result['target_name']!r} left out), ASR {100 * result['asr']:.1f} %")
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result) + "\n")
+    if args.plot:
+        plot_scores(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
