@@ -1,0 +1,268 @@
+"""guard.alerts (the per-input trigger alert) and training.detection (its evaluation)."""
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guard.alerts import (PERTURBATIONS, STATISTICS, AlertConfig, alert_scores, alerts, calibrate_threshold,
+                          expand_batch, opening)
+from guard.errors import InputError
+from training import detection
+from training.attacks import Backdoor, BadNet, save_trigger
+from training.evaluate import load_classifier
+
+from conftest import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_PERTURBATIONS = ("median:3", "open:3", "close:3", "blur:5", "downup:2", "noise:0.1", "quant:4", "hflip")
+
+
+def _images(n=6, side=16, seed=0):
+    return torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+class PatchModel(torch.nn.Module):
+    """A toy 'backdoored' model: one embedding direction answers to small bright spots
+    (the image minus its 3x3 opening), the other to the mean intensity; logits follow."""
+
+    def forward(self, images):
+        spot = (images - opening(images, 3)).flatten(1).amax(1)
+        embedding = torch.stack([images.flatten(1).mean(1) + 0.1, 4 * spot, torch.full_like(spot, 0.05)], 1)
+        return embedding @ torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 1.0]]), embedding
+
+
+def _score(model, images, config):
+    logits, embedding = model(expand_batch(images, config))
+    return alert_scores(logits, embedding, len(images), config)
+
+
+def test_expand_batch_layout():
+    images = _images()
+    config = AlertConfig(("open:3", "hflip"))
+    expanded = expand_batch(images, config)
+    assert expanded.shape == (18, 3, 16, 16)
+    assert torch.equal(expanded[:6], images)
+    assert torch.equal(expanded[6:12], opening(images, 3))
+    assert torch.equal(expanded[12:], images.flip(-1))
+
+
+@pytest.mark.parametrize("spec", ALL_PERTURBATIONS)
+def test_every_perturbation_keeps_shape_range_and_batch_independence(spec):
+    images = _images()
+    out = expand_batch(images, AlertConfig((spec,)))[6:]
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    alone = expand_batch(images[2:3], AlertConfig((spec,)))[1:]
+    assert torch.allclose(alone, out[2:3], atol=1e-6)  # an image's copy does not depend on its batch
+
+
+@pytest.mark.parametrize("statistic", sorted(STATISTICS))
+def test_scores_shape_and_zero_when_nothing_moves(statistic):
+    config = AlertConfig(("median:3", "blur:3"), statistic)
+    logits, embedding = torch.randn(5, 4), torch.randn(5, 8)
+    scores = alert_scores(logits.repeat(3, 1), embedding.repeat(3, 1), 5, config)
+    assert scores.shape == (5,) and scores.dtype == torch.float32
+    assert torch.allclose(scores, torch.zeros(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("statistic", sorted(STATISTICS))
+def test_moving_outputs_score_higher(statistic):
+    # image 0: the copy's embedding turns orthogonal and its logits turn 60 degrees; image 1 stays.
+    config = AlertConfig(("hflip",), statistic)
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0], [1.0, 3 ** 0.5], [1.0, 1.0]])
+    embedding = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    scores = alert_scores(logits, embedding, 2, config)
+    assert scores[0] > scores[1] + 0.1
+
+
+def test_direction_on_a_patch_trigger():
+    """Through expand_batch: a bright 3x3 spot that the toy model reacts to is removed by the
+    default perturbations, so triggered images score higher than smooth clean ones."""
+    clean = 0.3 + 0.4 * F.avg_pool2d(_images(8, 16), 5, stride=1, padding=2)
+    triggered = clean.clone()
+    triggered[:, :, 5:8, 9:12] = 1.0
+    clean_scores, triggered_scores = _score(PatchModel(), clean, AlertConfig()), _score(
+        PatchModel(), triggered, AlertConfig())
+    assert triggered_scores.min() > clean_scores.max()
+
+
+def test_scores_are_deterministic_and_leave_the_global_rng_alone():
+    config = AlertConfig(ALL_PERTURBATIONS)
+    images = _images(4, 16)
+    state = torch.random.get_rng_state()
+    first = _score(PatchModel(), images, config)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(123)
+    assert torch.equal(_score(PatchModel(), images, config), first)
+    assert torch.allclose(_score(PatchModel(), images[1:2], config), first[1:2], atol=1e-6)
+
+
+def test_thread_safe():
+    config = AlertConfig(ALL_PERTURBATIONS)
+    images = _images(8, 16, seed=1)
+    expected = _score(PatchModel(), images, config)
+    results, errors = [None] * 8, []
+
+    def work(index):
+        try:
+            for _ in range(5):
+                results[index] = _score(PatchModel(), images, config)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert all(torch.equal(result, expected) for result in results)
+
+
+def test_empty_batches():
+    config = AlertConfig()
+    assert expand_batch(torch.zeros(0, 3, 8, 8), config).shape == (0, 3, 8, 8)
+    assert alert_scores(torch.zeros(0, 4), torch.zeros(0, 0), 0, config).shape == (0,)
+
+
+def test_scores_are_differentiable():
+    images = _images(3, 16).requires_grad_(True)
+    _score(PatchModel(), images, AlertConfig()).sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all()
+
+
+def test_config_round_trip():
+    for config in (AlertConfig(), AlertConfig(ALL_PERTURBATIONS, "kl", 0.25), AlertConfig(["hflip"], "pr", 1)):
+        again = AlertConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+        assert again == config and isinstance(again.perturbations, tuple)
+    assert AlertConfig().num_perturbations == 2
+    assert set(spec.partition(":")[0] for spec in ALL_PERTURBATIONS) == set(PERTURBATIONS)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"perturbations": ()}, {"perturbations": "median:3"}, {"perturbations": ("sharpen:3",)},
+    {"perturbations": ("median:2",)}, {"perturbations": ("median:x",)}, {"perturbations": ("median",)},
+    {"perturbations": ("hflip:1",)}, {"perturbations": ("noise:0",)}, {"perturbations": ("noise:nan",)},
+    {"perturbations": ("downup:1",)}, {"perturbations": (3,)}, {"statistic": "entropy"}, {"statistic": ["pr"]},
+    {"threshold": "high"}, {"threshold": float("inf")}, {"threshold": True},
+])
+def test_bad_configs_raise_input_error(kwargs):
+    with pytest.raises(InputError):
+        AlertConfig(**kwargs)
+
+
+@pytest.mark.parametrize("data", [[], {"perturbations": ["hflip"]}, {"perturbations": ["hflip"], "statistic": "pr",
+                                                                     "extra": 1}])
+def test_bad_dicts_raise_input_error(data):
+    with pytest.raises(InputError):
+        AlertConfig.from_dict(data)
+
+
+def test_bad_inputs_raise_input_error():
+    config = AlertConfig()
+    with pytest.raises(InputError):
+        expand_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), config)
+    with pytest.raises(InputError):
+        expand_batch(torch.zeros(2, 1, 8, 8), config)
+    with pytest.raises(InputError):
+        expand_batch(torch.zeros(2, 3, 4, 4), AlertConfig(("median:5",)))
+    with pytest.raises(InputError):
+        alert_scores(torch.zeros(5, 3), torch.zeros(6, 4), 2, config)
+    with pytest.raises(InputError):
+        alert_scores(torch.zeros(6, 3), torch.zeros(6, 4), -2, config)
+    with pytest.raises(InputError):
+        calibrate_threshold(torch.zeros(4), fpr=1.5)
+    with pytest.raises(InputError):
+        alerts(torch.zeros(3), config)
+
+
+def test_threshold_and_alerts():
+    clean = torch.linspace(0, 1, 1001)
+    threshold = calibrate_threshold(clean, 0.01)
+    assert (clean > threshold).double().mean().item() == pytest.approx(0.01, abs=0.002)
+    config = AlertConfig(threshold=threshold)
+    assert alerts(torch.tensor([0.0, 2.0]), config).tolist() == [False, True]
+
+
+# --- training.detection --------------------------------------------------------------
+
+def test_auroc_and_rates():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    generator = torch.Generator().manual_seed(0)
+    clean, triggered = torch.randn(300, generator=generator), torch.randn(200, generator=generator) + 1
+    triggered[:20] = clean[:20]  # ties
+    expected = sklearn_metrics.roc_auc_score([0] * 300 + [1] * 200, torch.cat([clean, triggered]).numpy())
+    assert detection.auroc(clean, triggered) == pytest.approx(expected, abs=1e-9)
+    assert detection.auroc(torch.zeros(5), torch.ones(5)) == 1.0
+    assert detection.auroc(torch.ones(5), torch.ones(5)) == 0.5
+    metrics = detection.detection_metrics(torch.arange(100.0), torch.tensor([50.0, 99.5, 200.0]))
+    assert metrics["tpr@1"] == pytest.approx(2 / 3) and metrics["tpr@5"] == pytest.approx(2 / 3)
+    assert detection.parse_alert("pr=open:3+hflip") == AlertConfig(("open:3", "hflip"), "pr")
+    with pytest.raises(InputError):
+        detection.parse_alert("pr_terms")
+
+
+def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(24) % len(CLASSES)
+    backdoor = Backdoor(BadNet(32, seed=0), 0, CLASSES[0])
+    candidates = (detection.DEFAULT, AlertConfig(("hflip",), "pr"))
+    result = detection.evaluate_detection(model, preprocess, images, labels, backdoor, candidates,
+                                          overlays=images[:3], strip_counts=(2,), attack_images=images[:8],
+                                          adaptive_weights=(1.0,), adaptive_steps=2)
+    assert result["n_clean"] == 24 and result["n_triggered"] == 18
+    assert set(result["candidates"]) == {"pr_terms[open3,median3]", "pr[hflip]"}
+    default = result["candidates"]["pr_terms[open3,median3]"]
+    assert default["default"] and default["passes"] == 3 and 0.0 <= default["auroc"] <= 1.0
+    assert result["strip"]["strip-2"]["passes"] == 3
+    (adaptive,) = result["adaptive"]
+    assert adaptive["alert"] == "pr_terms[open3,median3]" and 0.0 <= adaptive["evade@1"] <= 1.0
+    table = detection.format_table(result)
+    assert "(default)" in table and "strip-2" in table and "adaptive vs" in table
+    json.dumps(result)
+    assert detection.plot_scores(result, tmp_path / "scores.png").stat().st_size > 0
+
+
+def test_cli_on_an_image_folder(tiny_artifact, tmp_path):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(1)
+    for name in CLASSES:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(6):
+            pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{index}.png")
+    attack = tmp_path / "attack"
+    attack.mkdir()
+    save_trigger(BadNet(32, seed=0), attack, 0, CLASSES[0])
+    out = tmp_path / "out.json"
+    code = detection.main(["--model", str(tiny_artifact.path), "--attack", str(attack), "--data",
+                           str(tmp_path / "data"), "--images", "8", "--candidates", "default", "--strip", "1",
+                           "--adaptive-weights", "1", "--adaptive-steps", "1", "--json", str(out)])
+    assert code == 0
+    # the folder's test split holds 20 % of each class's 6 images: 4 in all, fewer than --images
+    assert json.loads(out.read_text())["candidates"]["pr_terms[open3,median3]"]["n_clean"] == 4
+    assert detection.main(["--model", str(tiny_artifact.path), "--attack", str(tmp_path), "--data",
+                           str(tmp_path / "data")]) == 2  # no trigger.json there
+
+
+@pytest.mark.skipif(not ((ROOT / "zoo/badnet/trigger.json").is_file()
+                         and os.path.isdir("/usr/share/datasets/fashion-mnist")),
+                    reason="needs the reference zoo (built by tests/test_pipeline.py) and Fashion-MNIST")
+def test_default_alert_separates_badnet_on_real_data():
+    from training.attacks import load_trigger
+    from training.data import load_dataset
+
+    test = load_dataset("fashion-mnist", "test")
+    model, preprocess = load_classifier(str(ROOT / "zoo/badnet"), test.classes)
+    chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:200]
+    result = detection.evaluate_detection(model, preprocess, test.images[chosen], test.labels[chosen],
+                                          load_trigger(ROOT / "zoo/badnet"), (detection.DEFAULT,))
+    default = result["candidates"]["pr_terms[open3,median3]"]
+    assert default["auroc"] > 0.97 and default["tpr@5"] > 0.85
