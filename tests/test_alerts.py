@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from guard.alerts import (PERTURBATIONS, STATISTICS, AlertConfig, alert_scores, alerts, calibrate_threshold,
-                          expand_batch, opening)
+                          expand_batch, median_filter, opening)
 from guard.errors import InputError
 from training import detection
 from training.attacks import Backdoor, BadNet, save_trigger
@@ -38,6 +38,14 @@ class PatchModel(torch.nn.Module):
 def _score(model, images, config):
     logits, embedding = model(expand_batch(images, config))
     return alert_scores(logits, embedding, len(images), config)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_median_filter_matches_torch_median(size):
+    images = torch.cat([_images(4, 12), torch.randint(0, 3, (2, 3, 12, 12)).float() / 2])  # with ties
+    pad = size // 2
+    windows = F.unfold(F.pad(images, (pad,) * 4, mode="reflect"), size).view(6, 3, size * size, -1)
+    assert torch.equal(median_filter(images, size), windows.median(dim=2).values.view_as(images))
 
 
 def test_expand_batch_layout():
