@@ -19,21 +19,17 @@ from typing import Optional
 import torch
 
 from . import __version__
-from .errors import ArtifactError, ChecksumError
-from .hashing import sha256_bytes, sha256_file
+from .errors import ArtifactError
 from .preprocess import Preprocess
+from .sealed import file_records, read_sealed, seal, verify_files
 
 FORMAT = "clip-guard/purified"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+CHECKSUM_KEY = "manifest_sha256"
 VISUAL_FILE = "visual.safetensors"
 PROMPTS_FILE = "prompts.safetensors"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
-
-
-def _canonical(manifest: dict) -> bytes:
-    body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -97,10 +93,9 @@ def save_artifact(out_dir: str | Path, *, base_model: dict, vision_state: dict,
         "visual_prompts": prompts_record,
         "method": {"name": method, "hyperparameters": hyperparameters},
         "metrics": metrics,
-        "files": {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-                  for name in files},
+        "files": file_records(out, files),
     }
-    manifest["manifest_sha256"] = sha256_bytes(_canonical(manifest))
+    seal(manifest, CHECKSUM_KEY)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -112,21 +107,8 @@ def read_manifest(path: str | Path) -> dict:
     if not manifest_path.is_file():
         raise ArtifactError(f"{directory} is not a clip-guard artifact: {MANIFEST} is missing "
                             "(make one with `python -m training.purify`)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{manifest_path} is not valid JSON ({error}); the artifact is damaged") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path} is not a {FORMAT} manifest")
-    # Checksum before version: a damaged version key is damage, not a newer format.
-    if manifest.get("manifest_sha256") != sha256_bytes(_canonical(manifest)):
-        raise ChecksumError(f"{manifest_path} was modified after it was written (its checksum "
-                            "does not match); re-create the artifact or restore it from a copy")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"{directory} has format version {version!r}; this clip-guard "
-                            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade clip-guard")
-    return manifest
+    return read_sealed(manifest_path, format=FORMAT, what="manifest", format_version=FORMAT_VERSION,
+                       checksum_key=CHECKSUM_KEY, remedy="re-create the artifact or restore it from a copy")
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -136,14 +118,10 @@ def load_artifact(path: str | Path) -> Artifact:
 
     directory = Path(path)
     manifest = read_manifest(directory)
+    verify_files(directory, manifest["files"], MANIFEST, "restore it or re-create the artifact")
     tensors = {}
-    for name, record in manifest["files"].items():
+    for name in manifest["files"]:
         file = directory / name
-        if not file.is_file():
-            raise ArtifactError(f"{file} is missing; the artifact is incomplete")
-        if sha256_file(file) != record["sha256"]:
-            raise ChecksumError(f"{file} does not match its sha256 in {MANIFEST}; the file is "
-                                "damaged or was replaced: restore it or re-create the artifact")
         try:
             tensors[name] = load_file(file)
         except SafetensorError as error:

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .errors import ArtifactError, ChecksumError
-from .hashing import sha256_bytes, sha256_file
+from .errors import ArtifactError
+from .sealed import file_records, read_sealed, seal, verify_files
 
 FORMAT = "clip-guard/compiled"
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "sidecar_sha256"
 KINDS = ("onnx", "tensorrt", "aoti")
 # Outputs every compiled graph provides, in this order.
 INPUT_NAME = "images"
@@ -26,11 +27,6 @@ OUTPUT_NAMES = ("logits", "embedding")
 def sidecar_path(model_path: str | Path) -> Path:
     model_path = Path(model_path)
     return model_path.with_name(model_path.name + ".json")
-
-
-def _canonical(sidecar: dict) -> bytes:
-    body = {key: value for key, value in sidecar.items() if key != "sidecar_sha256"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, source_path: str,
@@ -49,9 +45,7 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
         "clip_guard_version": __version__,
         "kind": kind,
         "file": model_path.name,
-        "files": {name: {"sha256": sha256_file(model_path.parent / name),
-                         "bytes": (model_path.parent / name).stat().st_size}
-                  for name in (model_path.name, *extra_files)},
+        "files": file_records(model_path.parent, (model_path.name, *extra_files)),
         "precision": precision,
         "input": INPUT_NAME,
         "outputs": list(OUTPUT_NAMES),
@@ -64,17 +58,14 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
                    "sha256": source_manifest.get("manifest_sha256") or source_manifest.get("sidecar_sha256")},
         kind: details,
     }
-    sidecar["sidecar_sha256"] = sha256_bytes(_canonical(sidecar))
+    seal(sidecar, CHECKSUM_KEY)
     path = sidecar_path(model_path)
     path.write_text(json.dumps(sidecar, indent=2) + "\n")
     return path
 
 
-def read_sidecar(model_path: str | Path, kind: str, verify_file: bool = True) -> dict:
-    """Read and check the sidecar of a compiled file (format, version, checksums).
-
-    verify_file=False skips hashing the compiled files (the sidecar's own checksum is
-    still checked), for callers that only need the description."""
+def read_sidecar(model_path: str | Path, kind: str) -> dict:
+    """Read and check the sidecar of a compiled file (format, version, checksums)."""
     model_path = Path(model_path)
     path = sidecar_path(model_path)
     if not model_path.is_file():
@@ -82,28 +73,12 @@ def read_sidecar(model_path: str | Path, kind: str, verify_file: bool = True) ->
     if not path.is_file():
         raise ArtifactError(f"{model_path} has no sidecar manifest {path.name}; it must sit next to the "
                             "compiled file (re-run the export that made it)")
-    try:
-        sidecar = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path} is not valid JSON ({error}); re-run the export") from error
-    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a {FORMAT} sidecar")
-    if sidecar.get("sidecar_sha256") != sha256_bytes(_canonical(sidecar)):
-        raise ChecksumError(f"{path} was modified after it was written; re-run the export")
-    version = sidecar.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format version {version!r}; this clip-guard ({__version__}) reads "
-                            f"up to {FORMAT_VERSION}: upgrade clip-guard")
+    sidecar = read_sealed(path, format=FORMAT, what="sidecar", format_version=FORMAT_VERSION,
+                          checksum_key=CHECKSUM_KEY, remedy="re-run the export")
     if sidecar.get("kind") != kind:
         raise ArtifactError(f"{model_path} is a {sidecar.get('kind')!r} model, not {kind!r}")
     if sidecar.get("file") != model_path.name:
         raise ArtifactError(f"{path.name} describes {sidecar.get('file')!r}, not {model_path.name}: "
                             "a compiled file keeps the name it was exported under")
-    for name, record in sidecar["files"].items() if verify_file else ():
-        file = model_path.parent / name
-        if not file.is_file():
-            raise ArtifactError(f"{file} is missing; {model_path.name} needs it")
-        if sha256_file(file) != record["sha256"]:
-            raise ChecksumError(f"{file} does not match the sha256 in {path.name}; the file is damaged "
-                                "or was replaced: re-run the export")
+    verify_files(model_path.parent, sidecar["files"], path.name, "re-run the export")
     return sidecar

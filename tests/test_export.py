@@ -15,8 +15,8 @@ from guard.backends import check_engine_compatible, rebuild_command
 from guard.inputs import prepare_batch
 from guard.errors import ArtifactError, ChecksumError, InputError, MissingDependencyError, ModelLoadError
 from guard.runtime import build_classifier
-from guard.hashing import sha256_bytes
-from guard.sidecar import _canonical, read_sidecar, sidecar_path, write_sidecar
+from guard.sealed import seal
+from guard.sidecar import read_sidecar, sidecar_path, write_sidecar
 
 onnx = pytest.importorskip("onnx", reason="the onnxruntime extra is not installed")
 from export.aoti import export_aoti  # noqa: E402
@@ -124,7 +124,7 @@ def test_a_damaged_compiled_model_is_refused(exports, tmp_path, damage):
     else:
         sidecar = json.loads(sidecar_path(path).read_text())
         sidecar["format_version"] = 99
-        sidecar["sidecar_sha256"] = sha256_bytes(_canonical(sidecar))  # consistent, only newer
+        seal(sidecar, "sidecar_sha256")  # consistent, only newer
         sidecar_path(path).write_text(json.dumps(sidecar))
         expected = ArtifactError
     with pytest.raises(expected, match=path.name if damage != "future version" else "upgrade clip-guard"):
