@@ -135,7 +135,6 @@ def time_forms(backends: dict[str, Backend], images: torch.Tensor, seconds: floa
 
 
 def _peak_memory_child(queue, backend, form, artifacts, directory, batch, image_size):
-    torch.set_num_threads(torch.get_num_threads())
     engine = build_backend(backend, form, artifacts, directory)
     images = torch.randn(batch, 3, image_size, image_size)
     engine.run(images[:1])

@@ -47,11 +47,10 @@ class _HalfPrecision(torch.nn.Module):
 def _import_onnx():
     try:
         import onnx
-        import onnxruntime
     except ImportError as error:
         raise MissingDependencyError("ONNX export needs onnx, onnxscript and onnxruntime: "
                                      "pip install 'clip-guard[onnxruntime]'") from error
-    return onnx, onnxruntime
+    return onnx
 
 
 def run_onnxruntime(path: Path, images: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +82,7 @@ def export_onnx(artifact_path: str | Path, out: str | Path, *, precision: str = 
     or int8 (dynamic quantisation of the fp32 graph's weights). form: folded (serving)
     or literal (the prompt-concatenation form, for benchmarks). external_data: None
     decides by the weights' size."""
-    onnx, _ = _import_onnx()
+    onnx = _import_onnx()
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     out = Path(out)

@@ -146,12 +146,10 @@ class Guard:
             items = list(inputs)
         else:
             items = [to_tensor(inputs)]  # checked here so its error names no list index
-        step = min(batch_size, backend.max_batch or batch_size)
         chunks = []
-        for start in range(0, len(items), step):
-            images = prepare_batch(items[start:start + step], self.preprocess, torch.device("cpu"), start)
-            logits, _ = backend.run(images)
-            chunks.append(logits)
+        for start in range(0, len(items), batch_size):
+            images = prepare_batch(items[start:start + batch_size], self.preprocess, torch.device("cpu"), start)
+            chunks.append(_run_in_pieces(backend, images)[0])
         if not chunks:
             return torch.empty(0, len(self.classes))
         return torch.cat(chunks)
@@ -168,9 +166,7 @@ class Guard:
             raise InputError(f"forward takes a float tensor, got {images.dtype}")
         if len(images) == 0:
             return torch.empty(0, len(self.classes)), torch.empty(0, 0)
-        step = backend.max_batch or len(images)
-        pieces = [backend.run(chunk.float()) for chunk in images.split(step)]
-        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+        return _run_in_pieces(backend, images.float())
 
     def close(self) -> None:
         """Release the backend. Calls already running finish; later ones raise ClosedError."""
@@ -190,6 +186,14 @@ class Guard:
         if backend is None:
             raise ClosedError("this Guard was closed; call guard.load() again to classify")
         return backend
+
+
+def _run_in_pieces(backend: Backend, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """backend.run, in pieces no larger than the backend's maximum batch (compiled files have one)."""
+    if backend.max_batch is None or len(images) <= backend.max_batch:
+        return backend.run(images)
+    pieces = [backend.run(chunk) for chunk in images.split(backend.max_batch)]
+    return torch.cat([piece[0] for piece in pieces]), torch.cat([piece[1] for piece in pieces])
 
 
 # File type -> (sidecar kind, backends that run it); a directory is an artifact.
