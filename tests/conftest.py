@@ -67,3 +67,23 @@ def tiny_artifact(tmp_path_factory) -> TinyArtifact:
     )
     parts.path = parts.save(tmp_path_factory.mktemp("artifact") / "purified")
     return parts
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module (opt in with usefixtures): the tiny model gains
+    nothing from them, and on a busy 2-core machine their spin-waits stretch each op from
+    microseconds to ~10 ms, and threads of concurrent classify calls only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_artifact):
+    """The tiny artifact served through guard.load on the CPU."""
+    import guard
+
+    with guard.load(tiny_artifact.path, device="cpu") as loaded:
+        yield loaded

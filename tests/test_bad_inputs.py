@@ -28,18 +28,7 @@ from guard.inputs import MAX_PIXELS, to_tensor
 from guard.preprocess import Preprocess
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from intra-op threads
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_artifact):
-    with guard.load(tiny_artifact.path, device="cpu") as loaded:
-        yield loaded
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- building inputs ----------------------------------------------------------------------

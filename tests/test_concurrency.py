@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import guard
 from guard.errors import InputError
 
 THREADS = 8
@@ -30,19 +29,7 @@ RSS_GROWTH_LIMIT = 50 * 2 ** 20
 OBJECT_GROWTH_LIMIT = 1_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Each Python thread runs its own forward; intra-op threads on 2 cores only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_artifact):
-    with guard.load(tiny_artifact.path, device="cpu") as loaded:
-        yield loaded
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,20 +22,7 @@ from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine their
-    # spin-waits stretch each op from microseconds to ~10 ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_artifact):
-    with guard.load(tiny_artifact.path, device="cpu") as loaded:
-        yield loaded
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(tiny_artifact, prompts=True) -> PromptedCLIP:
