@@ -214,9 +214,9 @@ def markdown(results: list[Measurement], ratio_rows: list[dict], environment: di
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in ratio_rows:
         fused = f"{row['fused_over_plain']:.3f}" if "fused_over_plain" in row else "–"
+        speedup = f"{row['speedup_over_torch_folded']:.2f}x" if "speedup_over_torch_folded" in row else "–"
         lines.append(f"| {row['model']} | {row['backend']} | {row['batch']} | {row['folded_over_plain']:.3f} | "
-                     f"{row['literal_over_plain']:.3f} | {fused} | "
-                     f"{row.get('speedup_over_torch_folded', float('nan')):.2f}x |")
+                     f"{row['literal_over_plain']:.3f} | {fused} | {speedup} |")
     lines += ["", "## Measurements", "",
               "| model | backend | form | batch | median ms | images/s | repeats | peak MiB |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]

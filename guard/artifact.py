@@ -11,7 +11,6 @@ The serving side needs no text tower, tokenizer or base checkpoint.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,7 @@ import torch
 from . import __version__
 from .errors import ArtifactError
 from .preprocess import Preprocess
-from .sealed import file_records, read_sealed, seal, verify_files
+from .sealed import file_records, read_sealed, verify_files, write_sealed
 
 FORMAT = "clip-guard/purified"
 FORMAT_VERSION = 1
@@ -95,8 +94,7 @@ def save_artifact(out_dir: str | Path, *, base_model: dict, vision_state: dict,
         "metrics": metrics,
         "files": file_records(out, files),
     }
-    seal(manifest, CHECKSUM_KEY)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_sealed(out / MANIFEST, manifest, CHECKSUM_KEY)
     return out
 
 

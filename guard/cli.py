@@ -3,6 +3,7 @@
     python -m guard classify IMG... --model PURIFIED [--json] [--top-k K] [--backend B] [--device D]
     python -m guard inspect PURIFIED [--json]
     python -m guard doctor [--json]
+    python -m guard calibrate PURIFIED --data DATA [--fpr 0.01] [--json]
 
 Exit codes: 0 success; 2 usage or input error (bad arguments, an unreadable image);
 3 artifact or model error (missing, damaged or unloadable model); 1 unexpected error.
@@ -123,9 +124,10 @@ def _positive_int(text: str) -> int:
 
 def add_classify(commands) -> None:
     parser = _subparser(commands, "classify", "classify images with a purified model",
-                        "Classify image files. One line per image: path, then the top K labels and\n"
-                        "probabilities, tab-separated. A bad image is reported on stderr and the\n"
-                        "others are still classified; the exit code is then 2.")
+                        "Classify image files. One line per image: path, the top K labels and\n"
+                        "probabilities, then the trigger alert (alert, clear or uncalibrated, and the\n"
+                        "score), tab-separated. A bad image is reported on stderr and the others are\n"
+                        "still classified; the exit code is then 2.")
     parser.add_argument("images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, WebP, ...)")
     parser.add_argument("--model", required=True, metavar="PURIFIED",
                         help="purified artifact directory (or a compiled model guard.load reads)")
@@ -136,6 +138,8 @@ def add_classify(commands) -> None:
                         help="auto (default), torch, onnxruntime, aoti or tensorrt: see `doctor`")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA if any)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
+    parser.add_argument("--no-alerts", action="store_true",
+                        help="classify only: skip the trigger alert and its extra forward rows")
     parser.set_defaults(run=run_classify)
 
 
@@ -147,7 +151,7 @@ def run_classify(args) -> int:
         raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
     with guard.load(args.model, backend=args.backend, device=args.device) as model:
         log.info("classifying %d images with %r", len(args.images), model)
-        outcomes = classify_each(model, args.images, args.batch_size)
+        outcomes = classify_each(model, args.images, args.batch_size, alerts=not args.no_alerts)
     records = []
     for image, outcome in zip(args.images, outcomes):
         if isinstance(outcome, InputError):
@@ -157,29 +161,33 @@ def run_classify(args) -> int:
             top = outcome.top_k(args.top_k)
             records.append({"input": image, "label": outcome.label, "index": outcome.index, "score": outcome.score,
                             "top_k": [{"label": label, "prob": prob} for label, prob in top],
-                            "probs": dict(zip(outcome.classes, outcome.probs))})
+                            "probs": dict(zip(outcome.classes, outcome.probs)),
+                            "alert_status": outcome.alert_status, "alert": outcome.alert,
+                            "alert_score": outcome.alert_score, "threshold": outcome.threshold})
     if args.json:
         emit(json.dumps(records, indent=2))
     else:
         for record in records:
             if "error" not in record:
                 pairs = [f"{pair['label']}\t{pair['prob']:.4f}" for pair in record["top_k"]]
+                if record["alert_score"] is not None:
+                    pairs.append(f"{record['alert_status']}\t{record['alert_score']:.4f}")
                 emit("\t".join([record["input"], *pairs]))
     return EXIT_USAGE if any("error" in record for record in records) else EXIT_OK
 
 
-def classify_each(model, images: Sequence, batch_size: int) -> list:
+def classify_each(model, images: Sequence, batch_size: int, alerts: bool = True) -> list:
     """A Classification or the InputError for each image: a bad image does not stop the others.
     Batches run whole; only a batch with a bad image is redone one image at a time."""
     outcomes = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
         try:
-            outcomes.extend(model.classify(chunk, batch_size=batch_size))
+            outcomes.extend(model.classify(chunk, batch_size=batch_size, alerts=alerts))
         except InputError:
             for image in chunk:
                 try:
-                    outcomes.append(model.classify(image))
+                    outcomes.append(model.classify(image, alerts=alerts))
                 except InputError as error:
                     outcomes.append(error)
     return outcomes
@@ -241,6 +249,8 @@ def inspect_artifact(path) -> dict:
         "method": method.get("name"),
         "hyperparameters": method.get("hyperparameters"),
         "metrics": manifest.get("metrics"),
+        "alert": manifest.get("alert"),
+        "alert_calibration": manifest.get("alert_calibration"),
         "files": [_verify(directory, name, record) for name, record in files.items()],
     }
 
@@ -298,6 +308,7 @@ def format_inspection(summary: dict) -> str:
         flat = _flatten(values or {})
         rows.append((title, "none" if not flat else ""))
         rows.extend((f"  {key}", value) for key, value in flat)
+    rows.append(("alert", _describe_alert(summary["alert"], summary["alert_calibration"])))
     rows.append(("files", ""))
     for entry in summary["files"]:
         size = "?" if entry["bytes"] is None else f"{entry['bytes']:,} bytes"
@@ -305,6 +316,19 @@ def format_inspection(summary: dict) -> str:
         rows.append((f"  {entry['name']}", f"{size}  sha256 {entry['sha256']}  {state}"))
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}".rstrip() for key, value in rows)
+
+
+def _describe_alert(alert, calibration) -> str:
+    alert = alert if isinstance(alert, dict) else {}
+    perturbations = ", ".join(map(str, alert.get("perturbations") or ("open:3", "median:3")))
+    method = f"{alert.get('statistic', 'pr_terms')} over {perturbations}"
+    if alert.get("threshold") is None:
+        return f"{method}; NOT CALIBRATED (run `python -m guard calibrate`)"
+    text = f"{method}; threshold {alert['threshold']:.6g}"
+    if isinstance(calibration, dict):
+        text += (f" at fpr {calibration.get('fpr')} from {calibration.get('images')} clean images "
+                 f"({calibration.get('data') or 'unnamed data'}, {calibration.get('date')})")
+    return text
 
 
 def _flatten(values: dict, prefix: str = "") -> list[tuple[str, str]]:
@@ -338,5 +362,109 @@ def run_doctor(args) -> int:
     return EXIT_OK
 
 
-# Each adds one subcommand; `calibrate` and later commands go here.
-SUBCOMMANDS = [add_classify, add_inspect, add_doctor]
+# --- calibrate ----------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+BUILTIN_DATA = ("fashion-mnist", "digits")
+
+
+def add_calibrate(commands) -> None:
+    parser = _subparser(commands, "calibrate", "set the trigger-alert threshold from clean images",
+                        "Score clean images with the model's trigger alert and store the threshold at\n"
+                        "the target false-alarm rate (the (1 - fpr) quantile of their scores), with the\n"
+                        "calibration statistics, in the artifact's manifest or the compiled model's\n"
+                        "sidecar. Use images the model was not purified on. Nothing is written when\n"
+                        "an image cannot be read.")
+    parser.add_argument("model", metavar="PURIFIED", help="purified artifact directory or compiled model")
+    parser.add_argument("--data", required=True,
+                        help="a directory of clean images (searched recursively), or fashion-mnist or digits "
+                             "(needs the training extra)")
+    parser.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on clean inputs (0.01)")
+    parser.add_argument("--split", choices=("train", "test"), default="train",
+                        help="split of a built-in data set (train)")
+    parser.add_argument("--limit", type=_positive_int, default=2000,
+                        help="score at most this many images, a seeded random choice (2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of that choice (0)")
+    parser.add_argument("--perturbations", default=None, metavar="P1,P2",
+                        help="recalibrate with these perturbations, e.g. open:3,median:3 (default: the model's)")
+    parser.add_argument("--statistic", default=None, help="recalibrate with this statistic (default: the model's)")
+    parser.add_argument("--backend", default="auto", metavar="B", help="auto (default), torch, onnxruntime, ...")
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
+    parser.add_argument("--json", action="store_true", help="print the calibration record as JSON")
+    parser.set_defaults(run=run_calibrate)
+
+
+def run_calibrate(args) -> int:
+    from .alerts import AlertConfig
+    from .calibration import calibrate
+    from .runtime import alert_config_of
+
+    _check_device(args.device)
+    if not 0.0 < args.fpr < 1.0:
+        raise InputError(f"--fpr must lie in (0, 1), got {args.fpr}")
+    if not Path(args.model).exists():
+        raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
+    # Read (and verify) the model's document before any image is loaded: a bad model fails fast.
+    current = alert_config_of(_read_model_document(Path(args.model)))
+    config = None
+    if args.perturbations is not None or args.statistic is not None:
+        config = AlertConfig(tuple(args.perturbations.split(",")) if args.perturbations else current.perturbations,
+                             args.statistic or current.statistic)
+    images, description = calibration_images(args.data, args.split, args.limit, args.seed)
+    log.info("calibrating %s on %d images of %s", args.model, len(images), description)
+    record = calibrate(args.model, images, args.fpr, data=description, backend=args.backend, device=args.device,
+                       config=config, batch_size=args.batch_size, progress=_progress)
+    if args.json:
+        emit(json.dumps(record, indent=2))
+    else:
+        emit(f"threshold {record['threshold']:.6g} at fpr {record['fpr']} from {record['images']} clean images "
+             f"of {description} (clean alert rate {record['clean_alert_rate']:.4f}); stored in {args.model}")
+    return EXIT_OK
+
+
+def _read_model_document(path: Path) -> dict:
+    from .artifact import read_manifest
+    from .runtime import model_kind
+    from .sidecar import read_sidecar
+
+    kind = model_kind(path)[0]
+    return read_manifest(path) if kind == "artifact" else read_sidecar(path, kind)
+
+
+def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[list, str]:
+    """(images Guard.classify takes, a description) for --data: a directory of image files
+    or a built-in data set; at most `limit`, a seeded random choice when there are more."""
+    import torch
+
+    from .errors import DataError, MissingDependencyError
+
+    if data in BUILTIN_DATA:
+        try:
+            from training.data import load_dataset
+        except ImportError as error:
+            raise MissingDependencyError(f"--data {data} needs the training package and its extra: "
+                                         f"pip install 'clip-guard[training]' ({error})") from error
+        images = list(load_dataset(data, split).images)
+        description = f"{data} {split}"
+    elif Path(data).is_dir():
+        images = sorted(str(file) for file in Path(data).rglob("*")
+                        if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"{data} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        description = str(data)
+    else:
+        raise DataError(f"--data {data}: neither a directory of images nor one of {', '.join(BUILTIN_DATA)}")
+    if len(images) > limit:
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
+        images = [images[index] for index in sorted(chosen.tolist())]
+        description += f", {limit} images chosen with seed {seed}"
+    return images, description
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"calibrate: scored {done}/{total} images", file=sys.stderr, flush=True)
+
+
+# Each adds one subcommand.
+SUBCOMMANDS = [add_classify, add_inspect, add_doctor, add_calibrate]

@@ -13,16 +13,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ._compat import import_open_clip
 from .artifact import Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+from .alerts import AlertConfig, alert_scores, expand_batch
 from .errors import ArtifactError, ClosedError, InputError
 from .folded import fold
-from .inputs import prepare_batch, to_tensor
+from .inputs import resize_batch
 from .preprocess import Preprocess
 from .prompted import PromptedCLIP, PromptedVisionEncoder
 from .sidecar import read_sidecar
@@ -88,13 +89,29 @@ def _load_prompts(artifact: Artifact, encoder: PromptedVisionEncoder):
     return prompts
 
 
+# Classification.alert_status values.
+ALERT_OFF = "off"                    # classify(..., alerts=False)
+ALERT_UNCALIBRATED = "uncalibrated"  # a score but no threshold: run `python -m guard calibrate`
+ALERT_CLEAR = "clear"                # score <= threshold
+ALERT_RAISED = "alert"               # score > threshold: the input looks triggered
+
+
 @dataclass(frozen=True)
 class Classification:
-    """The prediction for one image. probs: softmax of the logits, in class order."""
+    """The prediction for one image. probs: softmax of the logits, in class order.
+
+    alert_score: the trigger-alert score (guard.alerts; higher = more suspicious), None
+    when alerts were off. threshold: the model's calibrated threshold, None when not
+    calibrated. alert: score > threshold, None unless both exist. alert_status says which
+    case holds (ALERT_OFF, ALERT_UNCALIBRATED, ALERT_CLEAR or ALERT_RAISED)."""
     label: str
     index: int
     probs: tuple[float, ...] = field(repr=False)
     classes: tuple[str, ...] = field(repr=False)
+    alert_score: Optional[float] = None
+    threshold: Optional[float] = None
+    alert: Optional[bool] = None
+    alert_status: str = ALERT_OFF
 
     @property
     def score(self) -> float:
@@ -106,7 +123,22 @@ class Classification:
         return ranked[:k]
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "index": self.index, "probs": dict(zip(self.classes, self.probs))}
+        return {"label": self.label, "index": self.index, "probs": dict(zip(self.classes, self.probs)),
+                "alert_score": self.alert_score, "threshold": self.threshold, "alert": self.alert,
+                "alert_status": self.alert_status}
+
+
+def _classification(classes: tuple[str, ...], logits: torch.Tensor, score: Optional[float],
+                    threshold: Optional[float]) -> Classification:
+    index = int(logits.argmax())
+    probs = tuple(logits.softmax(dim=-1).tolist())
+    if score is None:
+        return Classification(classes[index], index, probs, classes)
+    if threshold is None:
+        return Classification(classes[index], index, probs, classes, score, None, None, ALERT_UNCALIBRATED)
+    alert = score > threshold
+    return Classification(classes[index], index, probs, classes, score, threshold, alert,
+                          ALERT_RAISED if alert else ALERT_CLEAR)
 
 
 class Guard:
@@ -118,6 +150,7 @@ class Guard:
         self.preprocess = preprocess
         self.classes = tuple(classes)
         self.manifest = manifest
+        self.alert_config = alert_config_of(manifest)
         self.backend = backend.name
         self.device = backend.device
         self.backend_info = backend.describe()
@@ -126,33 +159,57 @@ class Guard:
         state = "closed" if self._backend is None else f"{len(self.classes)} classes"
         return f"Guard({state}, backend={self.backend!r}, device={str(self.device)!r})"
 
-    def classify(self, inputs, batch_size: int = 64):
+    def classify(self, inputs, batch_size: int = 64, alerts: bool = True):
         """One image -> Classification; a list or tuple of images -> list of Classification.
 
         An image is a PIL image, a file path, an HxW(x1|x3) numpy array or a CHW tensor
-        (see guard.inputs). Lists run through the model batch_size images at a time."""
+        (see guard.inputs). Lists run through the model batch_size images at a time. With
+        alerts (the default) every result carries the trigger-alert score, computed in the
+        same backend call as the classification (1 + K rows per image, K perturbations);
+        alerts=False classifies only, one row per image."""
         single = not isinstance(inputs, (list, tuple))
-        logits = self.logits(inputs, batch_size)
-        results = [Classification(self.classes[index], index, tuple(probs), self.classes)
-                   for index, probs in zip(logits.argmax(dim=-1).tolist(), logits.softmax(dim=-1).tolist())]
+        logits, scores = self._run(inputs, batch_size, self.alert_config if alerts else None)
+        scores = [None] * len(logits) if scores is None else scores.tolist()
+        threshold = self.alert_config.threshold
+        results = [_classification(self.classes, row, score, threshold) for row, score in zip(logits, scores)]
         return results[0] if single else results
 
     def logits(self, inputs, batch_size: int = 64) -> torch.Tensor:
         """[N, C] float32 logits on the CPU; N = 1 for a single image."""
+        return self._run(inputs, batch_size, None)[0]
+
+    def alert_scores(self, inputs, batch_size: int = 64, config: Optional[AlertConfig] = None,
+                     progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+        """[N] alert scores under `config` (default: the model's own alert config).
+        progress(done, total) is called after every batch."""
+        return self._run(inputs, batch_size, config or self.alert_config, progress)[1]
+
+    def _run(self, inputs, batch_size: int, alert: Optional[AlertConfig],
+             progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(logits [N, C], alert scores [N] or None without an alert config)."""
         backend = self._open_backend()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(inputs, (list, tuple)):
-            items = list(inputs)
+            items, first_index = list(inputs), 0
         else:
-            items = [to_tensor(inputs)]  # checked here so its error names no list index
-        chunks = []
+            items, first_index = [inputs], None  # a single image: its errors name no list index
+        logits, scores = [], []
         for start in range(0, len(items), batch_size):
-            images = prepare_batch(items[start:start + batch_size], self.preprocess, torch.device("cpu"), start)
-            chunks.append(_run_in_pieces(backend, images)[0])
-        if not chunks:
-            return torch.empty(0, len(self.classes))
-        return torch.cat(chunks)
+            resized = resize_batch(items[start:start + batch_size], self.preprocess, torch.device("cpu"),
+                                   None if first_index is None else start)
+            if alert is None:
+                logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
+                continue
+            expanded = self.preprocess.normalize(expand_batch(resized, alert))
+            all_logits, embeddings = _run_in_pieces(backend, expanded)
+            scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
+            logits.append(all_logits[:len(resized)])  # the unperturbed images come first
+            if progress is not None:
+                progress(start + len(resized), len(items))
+        if not logits:
+            return torch.empty(0, len(self.classes)), None if alert is None else torch.empty(0)
+        return torch.cat(logits), None if alert is None else torch.cat(scores)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N, C], embeddings [N, E]) of an already preprocessed float batch [N, 3, S, S],
@@ -188,6 +245,18 @@ class Guard:
         return backend
 
 
+def alert_config_of(manifest: dict) -> AlertConfig:
+    """The alert config a manifest or sidecar records; the uncalibrated default when it has none."""
+    recorded = manifest.get("alert")
+    if recorded is None:
+        return AlertConfig()
+    try:
+        return AlertConfig.from_dict(recorded)
+    except InputError as error:
+        raise ArtifactError(f"the alert entry of the manifest is unusable ({error}); re-run "
+                            "`python -m guard calibrate`") from error
+
+
 def _run_in_pieces(backend: Backend, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """backend.run, in pieces no larger than the backend's maximum batch (compiled files have one)."""
     if backend.max_batch is None or len(images) <= backend.max_batch:
@@ -199,6 +268,16 @@ def _run_in_pieces(backend: Backend, images: torch.Tensor) -> tuple[torch.Tensor
 # File type -> (sidecar kind, backends that run it); a directory is an artifact.
 _COMPILED = {".onnx": ("onnx", ("onnxruntime",)), ".pt2": ("aoti", ("aoti",)),
              ".engine": ("tensorrt", ("tensorrt",)), ".plan": ("tensorrt", ("tensorrt",))}
+
+
+def model_kind(path: Path) -> tuple[str, tuple[str, ...]]:
+    """("artifact" or a sidecar kind, the backends that run it) for a model path."""
+    if path.is_dir():
+        return "artifact", ("torch",)
+    if path.suffix in _COMPILED:
+        return _COMPILED[path.suffix]
+    raise InputError(f"{path} is neither an artifact directory nor a compiled model "
+                     f"({', '.join(_COMPILED)})" + ("" if path.exists() else "; it does not exist"))
 
 
 def load(path: str | Path, backend: str = "auto", device=None) -> Guard:
@@ -215,13 +294,7 @@ def load(path: str | Path, backend: str = "auto", device=None) -> Guard:
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError) as error:
         raise InputError(f"device {device!r} is not a torch device ({error})") from error
-    if path.is_dir():
-        kind, runners = "artifact", ("torch",)
-    elif path.suffix in _COMPILED:
-        kind, runners = _COMPILED[path.suffix]
-    else:
-        raise InputError(f"{path} is neither an artifact directory nor a compiled model "
-                         f"({', '.join(_COMPILED)})" + ("" if path.exists() else "; it does not exist"))
+    kind, runners = model_kind(path)
     if backend != "auto" and backend not in runners:
         raise InputError(f"backend {backend!r} cannot run {path.name}; it runs with {' or '.join(runners)}")
     if kind == "artifact":

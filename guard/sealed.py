@@ -7,6 +7,8 @@ byte in the document or in any listed file is caught when it is read.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -23,6 +25,20 @@ def seal(document: dict, checksum_key: str) -> dict:
     """Set document[checksum_key] to the sha256 of the rest of the document; returns it."""
     document[checksum_key] = sha256_bytes(_canonical(document, checksum_key))
     return document
+
+
+def write_sealed(path: Path, document: dict, checksum_key: str) -> None:
+    """Seal the document and write it to path atomically: a crash mid-write leaves the old
+    file in place, never a half-written one (calibration rewrites manifests in place)."""
+    seal(document, checksum_key)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(document, indent=2) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def file_records(directory: Path, names) -> dict:

@@ -8,12 +8,11 @@ a damaged or swapped file is refused like a damaged artifact.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import __version__
 from .errors import ArtifactError
-from .sealed import file_records, read_sealed, seal, verify_files
+from .sealed import file_records, read_sealed, verify_files, write_sealed
 
 FORMAT = "clip-guard/compiled"
 FORMAT_VERSION = 1
@@ -54,14 +53,24 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
         "base_model": source_manifest["base_model"],
         "method": source_manifest.get("method"),
         "metrics": source_manifest.get("metrics", {}),
+        # The alert's threshold carries over only where the scores do: fp32 matches the
+        # reference to ~1e-6; fp16 and int8 move them, so those start uncalibrated.
+        "alert": _inherited_alert(source_manifest, precision),
+        "alert_calibration": source_manifest.get("alert_calibration") if precision == "fp32" else None,
         "source": {"path": str(source_path),
                    "sha256": source_manifest.get("manifest_sha256") or source_manifest.get("sidecar_sha256")},
         kind: details,
     }
-    seal(sidecar, CHECKSUM_KEY)
     path = sidecar_path(model_path)
-    path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_sealed(path, sidecar, CHECKSUM_KEY)
     return path
+
+
+def _inherited_alert(source_manifest: dict, precision: str):
+    alert = source_manifest.get("alert")
+    if alert is None or precision == "fp32":
+        return alert
+    return {**alert, "threshold": None}
 
 
 def read_sidecar(model_path: str | Path, kind: str) -> dict:

@@ -76,9 +76,12 @@ def test_classify_prints_one_line_per_image(capsys, tiny_artifact, images):
     lines = out.splitlines()
     assert len(lines) == len(images)
     for line, path, result in zip(lines, images, expected):
-        name, label, prob = line.split("\t")
-        assert (name, label) == (str(path), result.label)
+        name, label, prob, status, alert_score = line.split("\t")
+        assert (name, label, status) == (str(path), result.label, "uncalibrated")
         assert float(prob) == pytest.approx(result.score, abs=1e-4)
+        assert float(alert_score) == pytest.approx(result.alert_score, abs=1e-4)
+    code, out, _ = run(capsys, "classify", *images, "--model", tiny_artifact.path, "--no-alerts")
+    assert code == 0 and [len(line.split("\t")) for line in out.splitlines()] == [3] * len(images)
 
 
 def test_classify_json_with_top_k(capsys, tiny_artifact, images):
@@ -100,9 +103,9 @@ def test_classify_json_with_top_k(capsys, tiny_artifact, images):
 def test_classify_text_with_top_k_alternates_labels_and_probabilities(capsys, tiny_artifact, images):
     code, out, _ = run(capsys, "classify", images[0], "--model", tiny_artifact.path, "--top-k", "10")
     fields = out.rstrip("\n").split("\t")
-    assert code == 0 and len(fields) == 1 + 2 * len(CLASSES)  # K larger than the classes: all of them
-    assert sorted(fields[1::2]) == sorted(CLASSES)
-    assert sum(float(prob) for prob in fields[2::2]) == pytest.approx(1.0, abs=1e-3)
+    assert code == 0 and len(fields) == 1 + 2 * len(CLASSES) + 2  # K larger than the classes: all of them
+    assert sorted(fields[1:-2:2]) == sorted(CLASSES) and fields[-2] == "uncalibrated"
+    assert sum(float(prob) for prob in fields[2:-2:2]) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_a_bad_image_is_reported_and_the_others_still_classified(capsys, tiny_artifact, images, tmp_path):

@@ -209,3 +209,38 @@ def test_loading_an_engine_without_tensorrt_says_what_to_install(exports, tmp_pa
                   source_path="m.onnx", precision="fp32", details=details)
     with pytest.raises(MissingDependencyError, match="clip-guard\\[tensorrt\\]"):
         guard.load(engine, device="cpu")
+
+
+# Largest |alert score difference| from the torch backend's, per precision (scores lie in [0, 4]).
+ALERT_TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_every_backend_gives_the_torch_alert_scores(exports, name):
+    images = raw_images(6, seed=11)
+    with guard.load(exports["torch"], device="cpu") as model:
+        expected = model.alert_scores(images)
+    precision = name.rsplit("-", 1)[-1] if "-" in name else "fp32"
+    with guard.load(exports[name], device="cuda" if name.startswith("tensorrt") else "cpu") as model:
+        scores = model.alert_scores(images)
+    assert float((scores - expected).abs().max()) <= ALERT_TOLERANCES[precision]
+
+
+def test_a_calibrated_threshold_carries_over_to_fp32_exports_only(tiny_artifact, tmp_path):
+    from guard.alerts import AlertConfig
+    from guard.calibration import calibrate, store_alert
+
+    artifact = Path(shutil.copytree(tiny_artifact.path, tmp_path / "purified"))
+    store_alert(artifact, AlertConfig(("median:3",), "feature", 0.25), {"fpr": 0.01, "images": 500})
+    export_onnx(artifact, tmp_path / "fp32.onnx", precision="fp32")
+    export_onnx(artifact, tmp_path / "fp16.onnx", precision="fp16")
+    with guard.load(tmp_path / "fp32.onnx", device="cpu") as model:
+        assert model.alert_config == AlertConfig(("median:3",), "feature", 0.25)
+        assert model.manifest["alert_calibration"] == {"fpr": 0.01, "images": 500}
+    with guard.load(tmp_path / "fp16.onnx", device="cpu") as model:
+        assert model.alert_config == AlertConfig(("median:3",), "feature", None)  # its scores differ: recalibrate
+        assert model.classify(raw_images(1, seed=0)[0]).alert_status == "uncalibrated"
+    record = calibrate(tmp_path / "fp16.onnx", raw_images(20, seed=1), fpr=0.05)
+    assert record["measured_on"]["precision"] == "fp16"
+    with guard.load(tmp_path / "fp16.onnx", device="cpu") as model:  # the re-sealed sidecar verifies
+        assert model.alert_config.threshold == record["threshold"]

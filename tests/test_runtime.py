@@ -143,7 +143,9 @@ def test_classification_is_frozen_and_serialisable(model):
     assert result.score == max(result.probs) == result.probs[result.index]
     assert result.top_k(2)[0] == (result.label, result.score)
     data = json.loads(json.dumps(result.to_dict()))
-    assert data == {"label": result.label, "index": result.index, "probs": dict(zip(CLASSES, result.probs))}
+    assert data == {"label": result.label, "index": result.index, "probs": dict(zip(CLASSES, result.probs)),
+                    "alert_score": result.alert_score, "threshold": None, "alert": None,
+                    "alert_status": "uncalibrated"}
 
 
 def test_probs_are_the_softmax_of_the_logits(model):
