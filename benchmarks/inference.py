@@ -23,7 +23,6 @@ import json
 import logging
 import multiprocessing
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -44,8 +43,9 @@ from guard.sidecar import read_sidecar
 log = logging.getLogger("benchmarks.inference")
 
 FORMS = ("plain", "literal", "folded")
-# eager torch also runs the folded form through the clip_guard C++ operator when it is built
+# eager torch and AOTInductor also run the folded form through the clip_guard C++ operator when it is built
 FUSED = "folded+fused"
+FUSED_BACKENDS = ("torch", "aoti")
 BACKENDS = ("torch", "onnxruntime", "aoti")
 # name -> (open_clip architecture or config, image size, prompt start block, prompt tokens, classes)
 MODELS = {
@@ -113,7 +113,7 @@ def build_backend(backend: str, form: str, artifacts: dict[str, Path], directory
     from export.aoti import export_aoti
     path = directory / f"{form}.pt2"
     if not path.exists():
-        export_aoti(artifact, path, form=export_form, max_batch=512, validation_count=2)
+        export_aoti(artifact, path, form=export_form, fused=form == FUSED, max_batch=512, validation_count=2)
     return AOTIBackend(path, cpu, read_sidecar(path, "aoti")["aoti"])
 
 
@@ -134,14 +134,23 @@ def time_forms(backends: dict[str, Backend], images: torch.Tensor, seconds: floa
     return times
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def _peak_memory_child(queue, backend, form, artifacts, directory, batch, image_size):
     engine = build_backend(backend, form, artifacts, directory)
     images = torch.randn(batch, 3, image_size, image_size)
     engine.run(images[:1])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Building the engine (export, validation) peaks higher than one forward pass: reset the
+    # process's high-water mark (Linux: "5" > clear_refs) so only the forward pass counts.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
     engine.run(images)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) / 1024)  # ru_maxrss is in KiB on Linux
+    queue.put((_status_kib("VmHWM") - before) / 1024)
 
 
 def peak_memory_mib(backend, form, artifacts, directory, batch, image_size) -> float:
@@ -164,7 +173,7 @@ def run(models, backends, batches, seconds: float, memory: bool) -> list[Measure
             artifacts = write_artifacts(model_name, scratch)
             for backend in backends:
                 log.info("%s / %s: building the three forms", model_name, backend)
-                forms = FORMS + ((FUSED,) if backend == "torch" and fused_attention_available() else ())
+                forms = FORMS + ((FUSED,) if backend in FUSED_BACKENDS and fused_attention_available() else ())
                 engines = {form: build_backend(backend, form, artifacts, scratch) for form in forms}
                 for batch in batches:
                     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))

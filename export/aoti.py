@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from guard.errors import ExportError, InputError
+from guard.folded import fused_attention_available
 from guard.sidecar import INPUT_NAME, sidecar_path, write_sidecar
 
 from .common import check_parity, parity, run_cli, serving_model, validation_images
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def export_aoti(artifact_path: str | Path, out: str | Path, *, device: str = "cpu", max_batch: int = 1024,
-                form: str = "folded", validation_count: int = 16) -> Path:
-    """Write the AOTInductor package `out` (and its sidecar); returns the sidecar path."""
+                form: str = "folded", fused: bool | None = None, validation_count: int = 16) -> Path:
+    """Write the AOTInductor package `out` (and its sidecar); returns the sidecar path.
+
+    fused: compile the folded attention as calls of the clip_guard C++ operator (cpp_ext);
+    None does where serving would, on the CPU when it is built (guard.folded.fold). A fused
+    package needs the operator built wherever it is loaded; the sidecar records it."""
     out = Path(out)
     if out.suffix != ".pt2":
         raise InputError(f"the output file must end in .pt2, got {out}")
@@ -42,7 +47,9 @@ def export_aoti(artifact_path: str | Path, out: str | Path, *, device: str = "cp
     for stale in (out, sidecar_path(out)):
         stale.unlink(missing_ok=True)
     started = time.perf_counter()
-    model, artifact = serving_model(artifact_path, form)
+    if fused is None:
+        fused = form == "folded" and device == "cpu" and fused_attention_available()
+    model, artifact = serving_model(artifact_path, form, fused=fused)
     model = model.to(device)
     images = validation_images(artifact.preprocess, validation_count).to(device)
     with torch.no_grad():
@@ -63,7 +70,8 @@ def export_aoti(artifact_path: str | Path, out: str | Path, *, device: str = "cp
         compiled = runner(images)
     result = parity(tuple(t.cpu() for t in reference), tuple(t.cpu() for t in compiled), artifact.logit_scale)
     check_parity(result, "fp32", f"the AOTInductor package {out}")
-    details = {"device": device, "form": form, "max_batch": max_batch, "validation": result.to_dict(),
+    details = {"device": device, "form": form, "fused_attention": fused, "max_batch": max_batch,
+               "validation": result.to_dict(),
                "export_seconds": round(time.perf_counter() - started, 2), "torch_version": torch.__version__}
     sidecar = write_sidecar(out, kind="aoti", source_manifest=artifact.manifest, source_path=str(artifact.path),
                             precision="fp32", details=details)
@@ -78,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .pt2 package; its sidecar is written beside it")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch the package accepts")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="call the clip_guard C++ attention operator (default: on the CPU when it is built)")
     args = parser.parse_args(argv)
-    export_aoti(args.artifact, args.out, device=args.device, max_batch=args.max_batch)
+    export_aoti(args.artifact, args.out, device=args.device, max_batch=args.max_batch, fused=args.fused)
     return 0
 
 

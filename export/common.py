@@ -25,13 +25,15 @@ PRECISIONS = tuple(TOLERANCES)
 FORMS = ("folded", "literal")
 
 
-def serving_model(artifact_path: str | Path, form: str = "folded") -> tuple[torch.nn.Module, Artifact]:
-    """The artifact's classifier on the CPU in float32: folded (serving) or literal (training) form."""
+def serving_model(artifact_path: str | Path, form: str = "folded",
+                  fused: bool = False) -> tuple[torch.nn.Module, Artifact]:
+    """The artifact's classifier on the CPU in float32: folded (serving) or literal (training)
+    form; fused: the folded form's attention through the clip_guard operator (cpp_ext)."""
     if form not in FORMS:
         raise InputError(f"form must be one of {FORMS}, got {form!r}")
     artifact = load_artifact(artifact_path)
     model = build_classifier(artifact, "cpu")
-    return (fold(model) if form == "folded" else model), artifact
+    return (fold(model, fused=fused) if form == "folded" else model), artifact
 
 
 def validation_images(preprocess: Preprocess, count: int = 16, seed: int = 0) -> torch.Tensor:

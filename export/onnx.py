@@ -1,6 +1,6 @@
 """Export a purified artifact to a self-contained ONNX graph.
 
-    python -m export.onnx PURIFIED --out purified.onnx [--fp16 | --int8] [--literal]
+    python -m export.onnx PURIFIED --out purified.onnx [--fp16 | --int8] [--literal | --custom-attention]
 
 The graph takes `images` (float32 [batch, 3, S, S], preprocessed as the sidecar
 says) and returns `logits` [batch, C] and `embedding` [batch, E], with a dynamic
@@ -8,6 +8,8 @@ batch axis. The visual prompts are folded into constant keys and values and the
 class text embeddings are a constant matrix: no text tower, no Python. Every export
 is run once in onnxruntime and compared with the torch reference before its sidecar
 (`purified.onnx.json`) is written; a graph outside its tolerance is refused.
+`--custom-attention` emits each prompted block's attention as one clip_guard::PromptAttention
+node for a TensorRT plugin instead (export/custom_attention.py); onnxruntime cannot run it.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ from guard.backends import OnnxRuntimeBackend
 from guard.errors import ExportError, InputError, MissingDependencyError
 from guard.sidecar import INPUT_NAME, OUTPUT_NAMES, sidecar_path, write_sidecar
 
+from . import custom_attention
 from .common import PRECISIONS, check_parity, parity, run_cli, serving_model, validation_images
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
+ATTENTIONS = ("standard", "custom")
 # Weights above this go to an external data file: protobuf caps a file at 2 GiB.
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -62,35 +66,45 @@ def run_onnxruntime(path: Path, images: torch.Tensor, precision: str) -> tuple[t
         backend.close()
 
 
-def _torch_export(model: torch.nn.Module, out: Path, example: torch.Tensor, external_data: bool) -> None:
+def _torch_export(model: torch.nn.Module, out: Path, example: torch.Tensor, external_data: bool,
+                  translations: dict | None = None) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not the user's business
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
                                     input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                                    dynamic_shapes={"images": {0: batch}}, verbose=False)
+                                    dynamic_shapes={"images": {0: batch}}, verbose=False,
+                                    custom_translation_table=translations)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     program.save(str(out), external_data=external_data)
 
 
 def export_onnx(artifact_path: str | Path, out: str | Path, *, precision: str = "fp32", form: str = "folded",
-                external_data: bool | None = None, validation_count: int = 16) -> Path:
+                attention: str = "standard", external_data: bool | None = None, validation_count: int = 16) -> Path:
     """Write `out` (and its sidecar) from a purified artifact; returns the sidecar path.
 
     precision: fp32, fp16 (weights and activations in float16 behind float32 inputs),
     or int8 (dynamic quantisation of the fp32 graph's weights). form: folded (serving)
-    or literal (the prompt-concatenation form, for benchmarks). external_data: None
-    decides by the weights' size."""
+    or literal (the prompt-concatenation form, for benchmarks). attention: standard
+    operators, or "custom": one clip_guard::PromptAttention node per prompted block
+    (folded fp32 only; needs the built cpp_ext operator). external_data: None decides
+    by the weights' size."""
     onnx = _import_onnx()
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if attention not in ATTENTIONS:
+        raise InputError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    custom = attention == "custom"
+    if custom and (precision != "fp32" or form != "folded"):
+        raise InputError("custom attention nodes exist in the folded fp32 graph only (a TensorRT engine "
+                         "chooses its own precision per layer: build it with --fp16 from this graph)")
     out = Path(out)
     if out.suffix != ".onnx":
         raise InputError(f"the output file must end in .onnx, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    model, artifact = serving_model(artifact_path, form)
+    model, artifact = serving_model(artifact_path, form, fused=custom)
     images = validation_images(artifact.preprocess, validation_count)
     with torch.no_grad():
         reference = model(images)
@@ -104,14 +118,18 @@ def export_onnx(artifact_path: str | Path, out: str | Path, *, precision: str = 
     log.info("exporting %s (%s, %s) to %s", artifact.path, form, precision, out)
     if precision == "int8":
         _export_int8(model, out, images[:2], external_data)
+    elif custom:
+        _torch_export(model, out, images[:2], external_data, custom_attention.translation_table())
     else:
         _torch_export(_HalfPrecision(model) if precision == "fp16" else model, out, images[:2], external_data)
     onnx.checker.check_model(str(out), full_check=True)
 
-    result = parity(reference, run_onnxruntime(out, images, precision), artifact.logit_scale)
+    outputs = custom_attention.run_reference(out, images) if custom else run_onnxruntime(out, images, precision)
+    result = parity(reference, outputs, artifact.logit_scale)
     check_parity(result, precision, f"the {precision} ONNX graph {out}")
     extra = (out.name + ".data",) if out.with_name(out.name + ".data").exists() else ()
-    details = {"opset": OPSET, "form": form, "logit_scale": artifact.logit_scale, "dynamic_batch": True,
+    details = {"opset": OPSET, "form": form, "attention": attention, "logit_scale": artifact.logit_scale,
+               "dynamic_batch": True,
                "external_data": bool(extra),
                "validation": result.to_dict(), "export_seconds": round(time.perf_counter() - started, 2),
                "torch_version": torch.__version__, "onnx_version": onnx.__version__}
@@ -144,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
                            help="float16 weights and activations (float32 inputs and outputs)")
     precision.add_argument("--int8", action="store_const", dest="precision", const="int8",
                            help="dynamic int8 quantisation of the weights")
-    parser.add_argument("--literal", action="store_const", dest="form", const="literal", default="folded",
-                        help="keep the literal prompt concatenation instead of folding (for comparison)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--literal", action="store_const", dest="form", const="literal", default="folded",
+                      help="keep the literal prompt concatenation instead of folding (for comparison)")
+    form.add_argument("--custom-attention", action="store_const", dest="attention", const="custom",
+                      default="standard", help="one clip_guard::PromptAttention node per prompted block, for a "
+                                               "TensorRT plugin (onnxruntime cannot run it; needs cpp_ext built)")
     parser.add_argument("--external-data", action="store_true", default=None,
                         help="store the weights in a .data file beside the graph (automatic above 1 GiB)")
     args = parser.parse_args(argv)
     export_onnx(args.artifact, args.out, precision=args.precision or "fp32", form=args.form,
-                external_data=args.external_data)
+                attention=args.attention, external_data=args.external_data)
     return 0
 
 

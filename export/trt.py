@@ -80,6 +80,10 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, fp16: bool = False,
     """Build `out` (and its sidecar) from an ONNX graph written by export.onnx; returns the sidecar path."""
     onnx_path, out = Path(onnx_path), Path(out)
     onnx_sidecar = read_sidecar(onnx_path, "onnx")
+    if onnx_sidecar["onnx"].get("attention") == "custom":
+        raise InputError(f"{onnx_path} has clip_guard::PromptAttention nodes, which need a TensorRT plugin that "
+                         "clip-guard does not build yet; build the engine from the standard export "
+                         "(`python -m export.onnx` without --custom-attention)")
     if onnx_sidecar["precision"] != "fp32":
         raise InputError(f"{onnx_path} is a {onnx_sidecar['precision']} graph; build engines from the fp32 "
                          "export and pass --fp16 here, so TensorRT chooses the precision per layer")

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .errors import MissingDependencyError, ModelLoadError
+from .folded import fused_attention_available
 from .sidecar import INPUT_NAME, OUTPUT_NAMES
 
 BACKEND_NAMES = ("torch", "onnxruntime", "aoti", "tensorrt")
@@ -133,6 +134,12 @@ class AOTIBackend(Backend):
         if device.type != compiled_for:
             raise ModelLoadError(f"{path} was compiled for {compiled_for}, not {device.type}: re-run "
                                  f"`python -m export.aoti ARTIFACT --out {path.name} --device {device.type}`")
+        self.fused_attention = bool(details.get("fused_attention", False))
+        if self.fused_attention and not fused_attention_available():
+            # The package calls clip_guard::prompt_attention through the dispatcher: the op must be loaded.
+            raise MissingDependencyError(f"{path} was compiled with the clip_guard C++ operator, which is not built "
+                                         "here: run `python -m cpp_ext build`, or re-export with "
+                                         "`python -m export.aoti ARTIFACT --out ... --no-fused`")
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as error:  # the loader raises RuntimeError or C++ errors alike
@@ -143,6 +150,9 @@ class AOTIBackend(Backend):
     def run(self, images):
         with self._lock, torch.inference_mode():
             return _outputs_to_cpu(*self.runner(images.float().to(self.device)))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "fused_attention": self.fused_attention}
 
     def close(self) -> None:
         self.runner = None

@@ -321,6 +321,10 @@ def _load_compiled(path: Path, kind: str, device: torch.device) -> Guard:
     except (KeyError, TypeError, InputError) as error:
         raise ArtifactError(f"the preprocess entry of {path}'s sidecar is unusable ({error!r})") from error
     if kind == "onnx":
+        if sidecar["onnx"].get("attention") == "custom":
+            raise ArtifactError(f"{path} has clip_guard::PromptAttention nodes, made for a TensorRT plugin; "
+                                "onnxruntime has no kernel for them: serve the standard export "
+                                "(`python -m export.onnx` without --custom-attention)")
         backend = OnnxRuntimeBackend(path, device, sidecar["precision"])
     elif kind == "aoti":
         backend = AOTIBackend(path, device, sidecar["aoti"])

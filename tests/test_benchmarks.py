@@ -25,3 +25,11 @@ def test_the_inference_benchmark_times_every_form(tmp_path):
     [row] = inference.ratios(results)
     assert row["folded_over_plain"] > 0 and row["speedup_over_torch_folded"] == 1.0
     assert "| tiny | torch | 2 |" in inference.markdown(results, [row], inference.environment())
+
+
+def test_peak_memory_counts_the_forward_pass_only(tmp_path):
+    artifacts = inference.write_artifacts("tiny", tmp_path)
+    small = inference.peak_memory_mib("torch", "literal", artifacts, tmp_path, 1, 32)
+    large = inference.peak_memory_mib("torch", "literal", artifacts, tmp_path, 512, 32)
+    # batch 512 of the literal tower holds [512, 81, 128] activations per block: tens of MiB
+    assert 0 <= small < large and large > 10

@@ -406,6 +406,80 @@ def test_operators_are_drop_in_replacements_in_the_prompted_models(ext, monkeypa
         torch.testing.assert_close(fold(model)(images)[0], folded_logits, atol=1e-4, rtol=1e-4)
 
 
+# --- wiring into export and serving -------------------------------------------------------
+
+def test_custom_attention_reference_kernel_is_the_folded_attention():
+    from export.custom_attention import reference_kernel
+    q, k, v, prompt_k, prompt_v = attention_inputs((3, 2, 9, 16, 4, None), dtype=torch.float64)
+    expected = attend_with_prompts(q, k, v, prompt_k, prompt_v)
+    got = reference_kernel(*(t.numpy() for t in (q, k, v, prompt_k, prompt_v)))
+    torch.testing.assert_close(torch.from_numpy(got), expected)
+
+
+def test_onnx_custom_attention_graph_has_one_node_per_prompted_block(ext, tiny_artifact, tmp_path, capsys):
+    pytest.importorskip("onnx", reason="the onnxruntime extra is not installed")
+    import onnx
+
+    import guard
+    from export.common import TOLERANCES, run_cli
+    from export.custom_attention import DOMAIN, count_nodes, run_reference
+    from export.onnx import export_onnx
+    from export.trt import main as trt_main
+    from guard.errors import ArtifactError, InputError
+    from guard.inputs import prepare_batch
+    from guard.sidecar import read_sidecar
+
+    out = tmp_path / "custom.onnx"
+    export_onnx(tiny_artifact.path, out, attention="custom")
+    prompted_blocks = TINY_CFG["vision_cfg"]["layers"] - 1  # the tiny artifact prompts from block 1
+    assert count_nodes(out) == prompted_blocks
+    assert {entry.domain: entry.version for entry in onnx.load(str(out)).opset_import}[DOMAIN] == 1
+    sidecar = read_sidecar(out, "onnx")
+    assert sidecar["onnx"]["attention"] == "custom" and sidecar["onnx"]["validation"]["top1_agreement"] == 1.0
+
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    batch = prepare_batch(images, tiny_artifact.preprocess)
+    with guard.load(tiny_artifact.path, device="cpu") as model:
+        expected_logits, expected_embedding = model.forward(batch)
+    logits, embedding = run_reference(out, batch)
+    assert float((logits - expected_logits).abs().max()) / tiny_artifact.logit_scale <= TOLERANCES["fp32"]
+    torch.testing.assert_close(embedding, expected_embedding, atol=1e-4, rtol=1e-4)
+
+    with pytest.raises(ArtifactError, match="TensorRT plugin"):
+        guard.load(out, device="cpu")
+    code = run_cli(trt_main, [str(out), "--out", str(tmp_path / "x.engine")])
+    assert code == 2 and "plugin that clip-guard does not build" in capsys.readouterr().err
+    for kwargs in ({"precision": "fp16"}, {"form": "literal"}, {"attention": "plugin"}):
+        with pytest.raises(InputError):
+            export_onnx(tiny_artifact.path, tmp_path / "bad.onnx", **{"attention": "custom", **kwargs})
+    export_onnx(tiny_artifact.path, tmp_path / "standard.onnx")
+    assert count_nodes(tmp_path / "standard.onnx") == 0
+
+    def softmaxes(path):
+        return sum(node.op_type == "Softmax" for node in onnx.load(str(path)).graph.node)
+    # the prompted blocks' softmax moved into the custom nodes; the unprompted block keeps its own
+    assert softmaxes(out) == softmaxes(tmp_path / "standard.onnx") - prompted_blocks == 1
+
+
+def test_aoti_package_calls_the_operator_and_needs_it_to_load(ext, tiny_artifact, tmp_path, monkeypatch):
+    import guard
+    import guard.backends
+    from export.aoti import export_aoti
+    from guard.errors import MissingDependencyError
+    from guard.sidecar import read_sidecar
+
+    out = tmp_path / "fused.pt2"
+    export_aoti(tiny_artifact.path, out, max_batch=8, validation_count=4)  # fused by default where built
+    assert read_sidecar(out, "aoti")["aoti"]["fused_attention"] is True
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with guard.load(tiny_artifact.path, device="cpu") as reference, guard.load(out, device="cpu") as model:
+        assert model.backend_info["fused_attention"] is True
+        torch.testing.assert_close(model.logits(images), reference.logits(images), atol=1e-4, rtol=1e-5)
+    monkeypatch.setattr(guard.backends, "fused_attention_available", lambda: False)
+    with pytest.raises(MissingDependencyError, match="cpp_ext build"):
+        guard.load(out, device="cpu")
+
+
 # --- the benchmark ------------------------------------------------------------------------
 
 def test_benchmark_default_on_rule():
