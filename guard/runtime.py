@@ -18,9 +18,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._compat import import_open_clip
+from .alerts import AlertConfig, alert_scores, expand_batch
 from .artifact import Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
-from .alerts import AlertConfig, alert_scores, expand_batch
 from .errors import ArtifactError, ClosedError, InputError
 from .folded import fold
 from .inputs import resize_batch
