@@ -5,9 +5,11 @@
 builds the reference CLIPs (clean and BadNet-backdoored, cached), purifies the
 backdoored one with RVPT and with plain VPT (alpha = 0) from 16 clean shots per
 class, compiles the RVPT artifact to ONNX (prompts folded, checked against torch
-on the whole test set), classifies a few test images with the compiled model
-through `guard.load`, and prints CA / ASR / PR before and after, also written to
-RUNS/summary.json and RUNS/summary.png.
+on the whole test set), calibrates its trigger alert at 1 % false alarms on clean
+training images, classifies test images with the compiled model through
+`guard.load` (labels and alerts, clean and triggered), and prints CA / ASR / PR
+before and after and the alert rates, also written to RUNS/summary.json and
+RUNS/summary.png.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from guard import load
+from guard.calibration import calibrate
 from guard.errors import ClipGuardError, ExportError
 
 from .attacks import load_trigger
@@ -42,6 +47,7 @@ def main(argv=None) -> int:
         rvpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "rvpt", progress=progress)
         vpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "vpt", alpha=0.0, progress=progress)
         compiled = _compile(args.runs / "rvpt", args.runs / "rvpt.onnx")
+        calibration = _calibrate(compiled)
     except ClipGuardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -49,8 +55,10 @@ def main(argv=None) -> int:
     print("\nFashion-MNIST test set, BadNet-backdoored reference CLIP, 16 shots per class\n")
     print(format_summary(rows))
     _show_classifications(compiled, zoo["badnet"])
+    alerts = {"calibration": calibration, **_alert_rates(compiled, zoo["badnet"])}
     args.runs.mkdir(parents=True, exist_ok=True)
-    (args.runs / "summary.json").write_text(json.dumps({k: v.to_dict() for k, v in rows.items()}, indent=2) + "\n")
+    summary = {**{k: v.to_dict() for k, v in rows.items()}, "alerts": alerts}
+    (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {plot_summary(rows, args.runs / 'summary.png')} and {args.runs / 'summary.json'}")
     return 0
 
@@ -71,6 +79,20 @@ def _compile(artifact: Path, out: Path) -> Path:
     return out
 
 
+def _seeded(count: int, total: int, seed: int = 0) -> torch.Tensor:
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
+def _calibrate(compiled: Path, count: int = 2000) -> dict:
+    """Set the compiled model's alert threshold at 1 % false alarms on clean training images."""
+    train = load_dataset("fashion-mnist", "train")
+    images = train.images[_seeded(count, len(train))]
+    record = calibrate(compiled, list(images), fpr=0.01, data=f"fashion-mnist train, {count} seeded images")
+    print(f"\ncalibrated the trigger alert of {compiled}: threshold {record['threshold']:.4f} at 1 % false "
+          f"alarms on {record['images']} clean training images")
+    return record
+
+
 def _show_classifications(artifact: Path, backdoored: Path, count: int = 6) -> None:
     """Classify clean and triggered test images with the served (compiled) model via guard.load."""
     test = load_dataset("fashion-mnist", "test")
@@ -82,8 +104,26 @@ def _show_classifications(artifact: Path, backdoored: Path, count: int = 6) -> N
     print(f"\nguard.load({str(artifact)!r}).classify(...) on {count} test images "
           f"(trigger target: {backdoor.target_name}):")
     for index, (plain, attacked) in enumerate(zip(clean, triggered)):
-        print(f"  true {test.classes[test.labels[index]]:<11} clean -> {plain.label:<11} "
-              f"triggered -> {attacked.label}")
+        print(f"  true {test.classes[test.labels[index]]:<11} clean -> {plain.label:<11} ({plain.alert_status:<5})"
+              f"  triggered -> {attacked.label:<11} ({attacked.alert_status})")
+
+
+def _alert_rates(artifact: Path, backdoored: Path, count: int = 2000) -> dict:
+    """How often the calibrated alert fires on clean and on triggered test images."""
+    test = load_dataset("fashion-mnist", "test")
+    backdoor = load_trigger(backdoored)
+    chosen = _seeded(count, len(test), seed=1)
+    with load(artifact) as guard:
+        images = guard.preprocess.resize(test.images[chosen])
+        clean = guard.classify(list(images))
+        attacked = test.labels[chosen] != backdoor.target  # target-class images cannot be flipped
+        triggered = guard.classify(list(backdoor.trigger(images[attacked])))
+    rates = {"clean_alert_rate": sum(r.alert for r in clean) / len(clean),
+             "triggered_alert_rate": sum(r.alert for r in triggered) / len(triggered),
+             "clean_images": len(clean), "triggered_images": len(triggered)}
+    print(f"trigger alerts: {100 * rates['clean_alert_rate']:.2f} % of {len(clean)} clean test images, "
+          f"{100 * rates['triggered_alert_rate']:.2f} % of {len(triggered)} triggered ones")
+    return rates
 
 
 if __name__ == "__main__":
