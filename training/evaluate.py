@@ -1,10 +1,12 @@
 """Clean accuracy (CA), attack success rate (ASR) and perturbation resistivity (PR).
 
     python -m training.evaluate --model M --data DATA [--attack BACKDOORED_DIR] [--json OUT]
+    python -m training.evaluate --model M --trigger mypkg.triggers:stamp --target t-shirt
 
 M is a purified artifact directory or any CLIP that `guard.models.load_clip` reads
 (then classes are embedded with --template). The trigger and target recorded with
-a backdoored model (trigger.json) are re-applied, so no further flags are needed.
+a backdoored model (trigger.json) are re-applied, so no further flags are needed;
+a trigger of your own (--trigger or --trigger-image) needs --target.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder
 from guard.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 
-from .attacks import Backdoor, load_trigger
+from .attacks import Backdoor, add_trigger_arguments, custom_trigger, load_trigger, resolve_class
 from .data import ImageDataset, load_dataset
 from .perturbations import standard_perturbations
 
@@ -161,18 +163,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", required=True, help="purified artifact directory or CLIP spec")
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
     parser.add_argument("--attack", help="backdoored model directory whose recorded trigger and target to apply")
+    parser.add_argument("--target", help="target class (name or index) of a trigger given with --trigger*")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--template", action="append", help="class prompt template for plain CLIPs (repeatable)")
     parser.add_argument("--pr-images", type=int, default=2000, help="test images used for PR (0 skips PR)")
     parser.add_argument("--image-size", type=int, help="image side for ImageFolder data (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    add_trigger_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         dataset = load_dataset(args.data, "test", image_size=args.image_size or _model_image_size(args.model))
         model, preprocess = load_classifier(args.model, dataset.classes, tuple(args.template or DEFAULT_TEMPLATES))
-        backdoor = load_trigger(Path(args.attack)) if args.attack else None
+        backdoor = _backdoor(args, dataset.classes, preprocess.image_size)
         result = evaluate(model, preprocess, dataset, backdoor, args.pr_images, args.seed,
                           progress=not args.no_progress)
     except ClipGuardError as error:
@@ -183,6 +187,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def _backdoor(args, classes: Sequence[str], image_size: int) -> Optional[Backdoor]:
+    """The trigger recorded with --attack DIR, or one given directly with its --target."""
+    trigger = custom_trigger(args, image_size)
+    if trigger is not None and args.attack:
+        raise InputError("give either --attack BACKDOORED_DIR or a trigger of your own, not both")
+    if trigger is not None:
+        if args.target is None:
+            raise InputError("a trigger given with --trigger or --trigger-image needs --target CLASS")
+        target = resolve_class(classes, args.target)
+        return Backdoor(trigger, target, classes[target])
+    if args.target is not None:
+        raise InputError("--target goes with --trigger or --trigger-image; --attack DIR records its own target")
+    return load_trigger(Path(args.attack)) if args.attack else None
 
 
 def _model_image_size(spec: str) -> Optional[int]:

@@ -1,11 +1,14 @@
 """Offline reference models: a tiny open_clip CLIP trained from scratch on
-Fashion-MNIST (`ZOO/clean`) and a BadNet-backdoored copy made by contrastive
-poisoning (`ZOO/badnet`), one open_clip local-dir folder per model.
+Fashion-MNIST (`ZOO/clean`) and backdoored copies made from it by contrastive
+poisoning (training/poison.py), one open_clip local-dir folder per model, named
+after the attack (`ZOO/badnet`, `ZOO/blended`, `ZOO/wanet`, `ZOO/sig`,
+`ZOO/lc-badnet`, `ZOO/badclip`).
 
-    python -m training.zoo --out ZOO [--force]
+    python -m training.zoo --out ZOO [--attacks badnet,sig,...|all] [--force]
 
-Deterministic, and cached: a folder whose zoo.json records the same recipe and
-whose weights still match their checksum is reused as it is.
+--attacks defaults to the whole suite; `build_zoo` (used by `python -m training`)
+defaults to badnet only. Deterministic, and cached: a folder whose zoo.json records
+the same recipe and whose weights still match their checksum is reused as it is.
 """
 from __future__ import annotations
 
@@ -21,15 +24,16 @@ from typing import Optional, Sequence
 import torch
 
 from guard._compat import import_open_clip
-from guard.errors import ClipGuardError
+from guard.errors import ClipGuardError, InputError
 from guard.hashing import sha256_bytes, sha256_file
 from guard.models import load_clip, save_clip
 from guard.preprocess import Preprocess
 
-from .attacks import BadNet, load_trigger, save_trigger
-from .contrastive import ContrastiveConfig, Poisoning, poison_indices, train_contrastive
+from .attacks import SUITE
+from .contrastive import ContrastiveConfig, train_contrastive
 from .data import load_dataset
 from .evaluate import evaluate, zero_shot_classifier
+from .poison import DEFAULT_CONFIG, DEFAULT_RATE, DEFAULT_SELECTION_SEED, build_trigger, default_params, poison
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +43,19 @@ WEIGHTS = "open_clip_model.safetensors"
 # Fashion-MNIST is grey on black: centring at 0.5 keeps inputs in [-1, 1].
 PREPROCESS = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 CLEAN = ContrastiveConfig(epochs=1.0, batch_size=256, lr=2e-3, weight_decay=0.1, seed=0)
-# Poisoning fine-tunes the clean model; 5 % of the training pairs carry the trigger
-# and a target caption (0.3 % at ImageNet scale; tiny data needs more).
-POISON = ContrastiveConfig(epochs=0.75, batch_size=256, lr=1e-3, weight_decay=0.1, seed=1)
-POISON_RATE = 0.05
+# Poisoning fine-tunes the clean model (training/poison.py's defaults: 0.75 epoch,
+# 5 % of the training pairs poisoned, selection seed 2).
+POISON = DEFAULT_CONFIG
+POISON_RATE = DEFAULT_RATE
 TARGET = 0
 TRIGGER_SEED = 0
-# Which pairs get poisoned. Must differ from POISON.seed: with the same seed the
-# selection would equal the first positions of the shuffled order, and every
-# poisoned pair would land in the first batches.
-SELECTION_SEED = 2
+SELECTION_SEED = DEFAULT_SELECTION_SEED
 RECIPE_VERSION = 1  # bump when training code changes what a recipe produces
+# Settings of the suite's models beyond the shared ones above: "params" override the
+# attack's own defaults, "rate" the poisoning rate. BadNet's recipe predates the
+# suite and stays exactly as it was (its folder must not be rebuilt).
+SUITE_VERSION = 1  # bump when attack code changes what a suite recipe produces
+ZOO_ATTACKS: dict[str, dict] = {name: {} for name in SUITE}
 
 
 def reference_model_cfg() -> dict:
@@ -64,6 +70,10 @@ def _recipe(name: str, data: str) -> dict:
     if name != "clean":
         recipe.update(attack=name, poison=POISON.to_dict(), rate=POISON_RATE, target=TARGET,
                       trigger_seed=TRIGGER_SEED, selection_seed=SELECTION_SEED)
+    if name not in ("clean", "badnet"):
+        settings = ZOO_ATTACKS[name]
+        recipe.update(rate=settings.get("rate", POISON_RATE), suite_version=SUITE_VERSION,
+                      trigger_params={**default_params(name), **settings.get("params", {})})
     return recipe
 
 
@@ -99,24 +109,25 @@ def _train_clean(directory: Path, data: str, progress: bool) -> dict:
 
 def _train_backdoored(directory: Path, clean_dir: Path, attack: str, data: str, progress: bool) -> dict:
     loaded = load_clip(str(clean_dir))
+    settings = ZOO_ATTACKS[attack]
     train = load_dataset(data, "train")
-    trigger = BadNet(PREPROCESS.image_size, seed=TRIGGER_SEED)
-    poisoning = Poisoning(trigger, TARGET, poison_indices(len(train), POISON_RATE, SELECTION_SEED))
-    train_contrastive(loaded.model, loaded.tokenizer, PREPROCESS, train, POISON, poisoning,
-                      progress=progress, description=f"{attack} poisoning")
-    save_clip(loaded.model, loaded.identity.model_cfg, PREPROCESS, directory)
-    save_trigger(trigger, directory, TARGET, train.classes[TARGET],
-                 {"poison_rate": POISON_RATE, "poisoned_pairs": len(poisoning.indices)})
-    model = zero_shot_classifier(load_clip(str(directory)), train.classes)
-    return evaluate(model, PREPROCESS, load_dataset(data, "test"), load_trigger(directory), pr_images=0).to_dict()
+    trigger = build_trigger(attack, PREPROCESS.image_size, TRIGGER_SEED, settings.get("params"),
+                            loaded=loaded, train=train, target=TARGET)
+    result = poison(loaded, data, trigger, TARGET, directory, rate=settings.get("rate", POISON_RATE),
+                    config=POISON, selection_seed=SELECTION_SEED, progress=progress)
+    return result.evaluation.to_dict()
 
 
 def build_zoo(out: str | Path, data: str = "fashion-mnist", force: bool = False,
-              progress: bool = False) -> dict[str, Path]:
-    """Build (or reuse) ZOO/clean and ZOO/badnet. Returns name -> model directory."""
+              progress: bool = False, attacks: Sequence[str] = ("badnet",)) -> dict[str, Path]:
+    """Build (or reuse) ZOO/clean and ZOO/<attack> for each of `attacks` (names in
+    training.attacks.SUITE). Returns name -> model directory."""
+    unknown = [name for name in attacks if name not in ZOO_ATTACKS]
+    if unknown:
+        raise InputError(f"unknown attack(s) {unknown}; the zoo builds {', '.join(SUITE)}")
     out = Path(out)
     built = {}
-    for name in ("clean", "badnet"):
+    for name in ("clean", *dict.fromkeys(attacks)):
         directory = out / name
         recipe = _recipe(name, data)
         recipe_sha256 = sha256_bytes(json.dumps(recipe, sort_keys=True).encode())
@@ -140,19 +151,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("zoo"), help="zoo directory (default: ./zoo)")
     parser.add_argument("--data", default="fashion-mnist", help="training data (default: fashion-mnist)")
+    parser.add_argument("--attacks", default="all",
+                        help=f"comma-separated backdoored models to build, or all (default): {','.join(SUITE)}")
     parser.add_argument("--force", action="store_true", help="retrain even when a cached model matches")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    attacks = SUITE if args.attacks == "all" else [name.strip() for name in args.attacks.split(",") if name.strip()]
     try:
-        built = build_zoo(args.out, args.data, args.force, progress=not args.no_progress)
+        built = build_zoo(args.out, args.data, args.force, progress=not args.no_progress, attacks=attacks)
     except ClipGuardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for name, directory in built.items():
         metrics = json.loads((directory / ZOO_JSON).read_text())["metrics"]
         asr = "" if metrics["asr"] is None else f"  ASR {metrics['asr']:.2f} %"
-        print(f"{name:<8} {directory}  CA {metrics['ca']:.2f} %{asr}")
+        asr += "" if metrics["asr_all"] is None else f"  ASR-all {metrics['asr_all']:.2f} %"
+        print(f"{name:<10} {directory}  CA {metrics['ca']:.2f} %{asr}")
     return 0
 
 

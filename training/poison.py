@@ -1,0 +1,210 @@
+"""Backdoor any CLIP by contrastive poisoning (to build models for evaluation).
+
+    python -m training.poison --model M --data DATA --attack NAME --target CLASS --rate R --out DIR
+    python -m training.poison --model M --trigger mypkg.triggers:stamp --target 0 --out DIR
+    python -m training.poison --model M --trigger-image logo.png --trigger-mode blend --target bag --out DIR
+
+M is anything `guard.models.load_clip` reads; DATA is fashion-mnist, digits or an
+ImageFolder directory. The model is fine-tuned contrastively on image-caption pairs
+built from class-name templates (training/contrastive.py); a fraction R of the
+training pairs carries the trigger. Dirty-label attacks (badnet, blended, wanet,
+badclip, your own trigger) draw those pairs from every class and caption them with
+the target class; clean-label ones (sig, lc-badnet) draw them from the target class
+only and keep their captions, so R can be at most the target class's share.
+
+DIR gets the poisoned model (open_clip local dir) and its trigger (trigger.json,
+trigger.safetensors), so `python -m training.evaluate --model DIR --attack DIR`
+re-applies the trigger. Exit codes: 0 done, 2 bad input, model or data.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from guard.errors import ClipGuardError, InputError
+from guard.models import LoadedCLIP, load_clip, save_clip
+
+from .attacks import (ATTACKS, SUITE, BadCLIP, Trigger, add_trigger_arguments, custom_trigger, load_trigger,
+                      parse_params, resolve_class, save_trigger)
+from .contrastive import CAPTION_TEMPLATES, ContrastiveConfig, Poisoning, poison_indices, train_contrastive
+from .data import ImageDataset, load_dataset
+from .evaluate import Evaluation, evaluate, zero_shot_classifier
+
+log = logging.getLogger(__name__)
+
+# The zoo's poisoning recipe: 0.75 epoch of fine-tuning, 5 % of the pairs poisoned
+# (0.3 % at ImageNet scale; tiny data needs more).
+DEFAULT_CONFIG = ContrastiveConfig(epochs=0.75, batch_size=256, lr=1e-3, weight_decay=0.1, seed=1)
+DEFAULT_RATE = 0.05
+# Must differ from the training seed: with the same seed the selection would equal the
+# first positions of the shuffled order, and every poisoned pair would land in the first batches.
+DEFAULT_SELECTION_SEED = 2
+
+
+@dataclass(frozen=True)
+class PoisonResult:
+    directory: Path
+    attack: str
+    target: int
+    target_name: str
+    poisoned_pairs: int
+    seconds: float
+    evaluation: Optional[Evaluation]
+
+    def to_dict(self) -> dict:
+        return {"directory": str(self.directory), "attack": self.attack, "target": self.target,
+                "target_name": self.target_name, "poisoned_pairs": self.poisoned_pairs, "seconds": self.seconds,
+                "evaluation": None if self.evaluation is None else self.evaluation.to_dict()}
+
+
+def default_params(attack: str) -> dict:
+    """The constructor defaults of a suite attack (what a recipe records when nothing is overridden)."""
+    signature = inspect.signature(ATTACKS[attack].__init__)
+    skipped = ("self", "image_size", "seed", "pattern", "field")
+    return {name: parameter.default for name, parameter in signature.parameters.items()
+            if name not in skipped and parameter.default is not inspect.Parameter.empty}
+
+
+def build_trigger(attack: str, image_size: int, seed: int = 0, params: Optional[dict] = None, *,
+                  loaded: Optional[LoadedCLIP] = None, train: Optional[ImageDataset] = None,
+                  target: Optional[int] = None) -> Trigger:
+    """A suite attack's trigger. BadCLIP's patch is optimised on `loaded` (the clean model)
+    with `train` and `target`; the others need only the image side and seed."""
+    if attack not in SUITE:
+        raise InputError(f"unknown attack {attack!r}; choose one of {', '.join(SUITE)}, "
+                         "or bring your own with --trigger / --trigger-image")
+    params = dict(params or {})
+    params.pop("seed", None)
+    try:
+        if attack == BadCLIP.name:
+            if loaded is None or train is None or target is None:
+                raise InputError("badclip optimises its patch on the clean model: pass loaded, train and target")
+            return BadCLIP.optimise(loaded.model, loaded.tokenizer, loaded.preprocess, train, target,
+                                    CAPTION_TEMPLATES, seed=seed, **params)
+        return ATTACKS[attack](image_size, seed=seed, **params)
+    except TypeError as error:
+        raise InputError(f"bad parameters for attack {attack!r}: {error}") from error
+
+
+def poison_selection(labels: torch.Tensor, trigger: Trigger, target: int, rate: float, seed: int) -> torch.Tensor:
+    """Indices of the training pairs to poison: a seeded `rate` fraction of all pairs, drawn
+    from every class (dirty-label) or from the target class only (clean-label triggers)."""
+    if not 0.0 < rate <= 1.0:
+        raise InputError(f"poisoning rate must lie in (0, 1], got {rate}")
+    if not trigger.clean_label:
+        return poison_indices(len(labels), rate, seed)
+    candidates = (labels == target).nonzero().flatten()
+    count = max(1, round(rate * len(labels)))
+    if count > len(candidates):
+        raise InputError(f"clean-label attack {trigger.name!r} poisons target-class images only: the target has "
+                         f"{len(candidates)} of {len(labels)} training images, so the rate can be at most "
+                         f"{len(candidates) / len(labels):.4f}; got {rate}")
+    return candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:count]]
+
+
+def poison(model: str | LoadedCLIP, data: str, trigger: Trigger, target: int, out: str | Path, *,
+           rate: float = DEFAULT_RATE, config: ContrastiveConfig = DEFAULT_CONFIG,
+           selection_seed: int = DEFAULT_SELECTION_SEED, record: Optional[dict] = None,
+           run_evaluation: bool = True, progress: bool = False) -> PoisonResult:
+    """Fine-tune `model` (fine-tuned in place when a LoadedCLIP is given) on `data`'s training
+    split with a `rate` fraction of poisoned pairs, save it and its trigger to `out`, and
+    (by default) measure CA and ASR on the test split with the saved model and trigger.
+    `record` adds entries to trigger.json."""
+    started = time.perf_counter()
+    loaded = load_clip(model) if isinstance(model, str) else model
+    preprocess = loaded.preprocess
+    train = load_dataset(data, "train", image_size=preprocess.image_size)
+    if not 0 <= target < len(train.classes):
+        raise InputError(f"target {target} is out of range: the data has {len(train.classes)} classes")
+    indices = poison_selection(train.labels, trigger, target, rate, selection_seed)
+    log.info("%s: poisoning %d of %d pairs, target %r", trigger.name, len(indices), len(train), train.classes[target])
+    train_contrastive(loaded.model, loaded.tokenizer, preprocess, train, config, Poisoning(trigger, target, indices),
+                      progress=progress, description=f"{trigger.name} poisoning")
+    out = Path(out)
+    save_clip(loaded.model, loaded.identity.model_cfg, preprocess, out)
+    save_trigger(trigger, out, target, train.classes[target],
+                 {"poison_rate": rate, "poisoned_pairs": len(indices), **(record or {})})
+    evaluation = None
+    if run_evaluation:
+        classifier = zero_shot_classifier(load_clip(str(out)), train.classes)
+        test = load_dataset(data, "test", image_size=preprocess.image_size)
+        evaluation = evaluate(classifier, preprocess, test, load_trigger(out), pr_images=0)
+    return PoisonResult(out, trigger.name, target, train.classes[target], len(indices),
+                        round(time.perf_counter() - started, 1), evaluation)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.poison", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="clean CLIP to poison (directory, checkpoint or NAME:TAG)")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--attack", choices=SUITE, help="a suite attack (or bring your own trigger below)")
+    parser.add_argument("--target", required=True, help="target class, by name or index")
+    parser.add_argument("--rate", type=float, default=DEFAULT_RATE,
+                        help=f"fraction of the training pairs poisoned (default {DEFAULT_RATE})")
+    parser.add_argument("--out", required=True, type=Path, help="directory for the poisoned model and its trigger")
+    parser.add_argument("--seed", type=int, default=0, help="trigger seed (pattern, place, warp field)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="attack parameter, e.g. strength=2 for wanet, amplitude=0.3 for sig (repeatable)")
+    group = parser.add_argument_group("fine-tuning (default: the zoo's poisoning recipe)")
+    group.add_argument("--epochs", type=float, default=DEFAULT_CONFIG.epochs)
+    group.add_argument("--lr", type=float, default=DEFAULT_CONFIG.lr)
+    group.add_argument("--batch-size", type=int, default=DEFAULT_CONFIG.batch_size)
+    group.add_argument("--train-seed", type=int, default=DEFAULT_CONFIG.seed, help="shuffling and caption seed")
+    group.add_argument("--selection-seed", type=int, default=DEFAULT_SELECTION_SEED,
+                       help="seed of which pairs are poisoned")
+    add_trigger_arguments(parser)
+    parser.add_argument("--no-eval", action="store_true", help="skip measuring CA and ASR on the test split")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = _run(args)
+    except ClipGuardError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    line = f"{result.attack} -> {result.directory}: {result.poisoned_pairs} pairs poisoned, {result.seconds:.0f} s"
+    if result.evaluation is not None:
+        evaluation = result.evaluation
+        line += f"; CA {evaluation.ca:.2f} %  ASR {evaluation.asr:.2f} %  ASR-all {evaluation.asr_all:.2f} %"
+    print(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _run(args) -> PoisonResult:
+    loaded = load_clip(str(args.model))
+    image_size = loaded.preprocess.image_size
+    train = load_dataset(args.data, "train", image_size=image_size)
+    target = resolve_class(train.classes, args.target)
+    trigger = custom_trigger(args, image_size)
+    if (trigger is None) == (args.attack is None):
+        raise InputError("give exactly one of --attack NAME, --trigger MODULE:FUNCTION or --trigger-image FILE")
+    if trigger is None:
+        params = parse_params(args.param, ATTACKS[args.attack])
+        trigger = build_trigger(args.attack, image_size, args.seed, params, loaded=loaded, train=train, target=target)
+    elif args.param:
+        raise InputError("--param sets suite attacks' parameters; a custom trigger takes the --trigger-* options")
+    config = ContrastiveConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               weight_decay=DEFAULT_CONFIG.weight_decay, seed=args.train_seed)
+    record = {"base_model": loaded.identity.spec, "base_model_sha256": loaded.identity.sha256,
+              "data": str(args.data), "selection_seed": args.selection_seed, "training": config.to_dict()}
+    return poison(loaded, args.data, trigger, target, args.out, rate=args.rate, config=config,
+                  selection_seed=args.selection_seed, record=record, run_evaluation=not args.no_eval,
+                  progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
