@@ -109,7 +109,8 @@ def build_backend(backend: str, form: str, artifacts: dict[str, Path], directory
         path = directory / f"{form}.onnx"
         if not path.exists():
             export_onnx(artifact, path, form=export_form, validation_count=2)
-        return OnnxRuntimeBackend(path, cpu)
+        # The forms' sessions alternate; spinning workers of one would slow the next one down.
+        return OnnxRuntimeBackend(path, cpu, spinning=False)
     from export.aoti import export_aoti
     path = directory / f"{form}.pt2"
     if not path.exists():

@@ -79,7 +79,8 @@ class OnnxRuntimeBackend(Backend):
     an error, since a silently slower (or differently rounded) model is a bug."""
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: torch.device, precision: str = "fp32", threads: Optional[int] = None):
+    def __init__(self, path: Path, device: torch.device, precision: str = "fp32", threads: Optional[int] = None,
+                 spinning: bool = True):
         super().__init__(device)
         ort = _import_onnxruntime()
         if device.type == "cpu":
@@ -99,6 +100,10 @@ class OnnxRuntimeBackend(Backend):
         session_options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         if threads is not None:
             session_options.intra_op_num_threads = threads
+        if not spinning:
+            # Idle worker threads otherwise spin for a while after each run: right for one model
+            # on its own cores, but they take the cores from other sessions that run next.
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), session_options, providers=[(provider, options)])
         except Exception as error:  # onnxruntime raises its own untyped exceptions

@@ -244,3 +244,14 @@ def test_a_calibrated_threshold_carries_over_to_fp32_exports_only(tiny_artifact,
     assert record["measured_on"]["precision"] == "fp16"
     with guard.load(tmp_path / "fp16.onnx", device="cpu") as model:  # the re-sealed sidecar verifies
         assert model.alert_config.threshold == record["threshold"]
+
+
+def test_onnxruntime_without_spinning_workers_gives_the_same_outputs(exports):
+    from guard.backends import OnnxRuntimeBackend
+
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    default = OnnxRuntimeBackend(exports["onnxruntime-fp32"], torch.device("cpu"))
+    quiet = OnnxRuntimeBackend(exports["onnxruntime-fp32"], torch.device("cpu"), spinning=False)
+    assert quiet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for expected, got in zip(default.run(images), quiet.run(images)):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
