@@ -70,6 +70,17 @@ def tiny_artifact(tmp_path_factory) -> TinyArtifact:
 
 
 @pytest.fixture(scope="module")
+def clip(tiny_artifact):
+    """The tiny artifact's whole open_clip CLIP (text tower included)."""
+    return tiny_artifact.clip
+
+
+@pytest.fixture(scope="module")
+def tokenizer(clip):
+    return import_open_clip().tokenizer.SimpleTokenizer(context_length=clip.context_length)
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a test module (opt in with usefixtures): the tiny model gains
     nothing from them, and on a busy 2-core machine their spin-waits stretch each op from

@@ -26,16 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def clip(tiny_artifact):
-    return tiny_artifact.clip
-
-
-@pytest.fixture(scope="module")
-def tokenizer(clip):
-    return open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
-
-
-@pytest.fixture(scope="module")
 def few_shot_set():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)

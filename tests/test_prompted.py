@@ -13,16 +13,6 @@ CLASSES = ("t-shirt", "ankle boot", "bag")
 
 
 @pytest.fixture(scope="module")
-def clip(tiny_artifact):
-    return tiny_artifact.clip
-
-
-@pytest.fixture(scope="module")
-def tokenizer(clip):
-    return open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
