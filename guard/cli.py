@@ -364,7 +364,6 @@ def run_doctor(args) -> int:
 
 # --- calibrate ----------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTIN_DATA = ("fashion-mnist", "digits")
 
 
@@ -438,6 +437,7 @@ def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[li
     import torch
 
     from .errors import DataError, MissingDependencyError
+    from .inputs import image_files
 
     if data in BUILTIN_DATA:
         try:
@@ -448,10 +448,9 @@ def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[li
         images = list(load_dataset(data, split).images)
         description = f"{data} {split}"
     elif Path(data).is_dir():
-        images = sorted(str(file) for file in Path(data).rglob("*")
-                        if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES)
+        images = [str(file) for file in image_files(Path(data))]
         if not images:
-            raise DataError(f"{data} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"{data} holds no image files (any format Pillow reads)")
         description = str(data)
     else:
         raise DataError(f"--data {data}: neither a directory of images nor one of {', '.join(BUILTIN_DATA)}")

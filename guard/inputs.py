@@ -37,6 +37,7 @@ import logging
 import os
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,6 +64,14 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 ACCEPTED = ("a PIL image, an image file path (str or pathlib.Path), a binary file object (io.BytesIO), "
             "a numpy array HxW, HxWx1 or HxWx3 (uint8, or float in [0, 1]), or a torch tensor CHW with "
             "C = 1 or 3 (uint8, or float in [0, 1])")
+
+
+def image_files(directory: Path) -> list[Path]:
+    """Every non-hidden file under directory (recursively, sorted) with an extension Pillow reads."""
+    extensions = set(Image.registered_extensions())
+    return [path for path in sorted(Path(directory).rglob("*"))
+            if path.suffix.lower() in extensions and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(directory).parts)]
 
 
 def to_tensor(item) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from guard.errors import DataError, InputError, MissingDependencyError
+from guard.inputs import image_files
 from guard.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -275,16 +276,12 @@ def _class_folders(directory: Path) -> list[Path]:
 
 
 def _image_files(folders: list[Path]) -> tuple[list[Path], list[int]]:
-    """Every non-hidden file with an image extension Pillow knows, under each class folder
-    (recursively, sorted), with the class index as label."""
-    extensions = set(Image.registered_extensions())
+    """guard.inputs.image_files of each class folder, with the class index as label."""
     files, labels = [], []
     for label, folder in enumerate(folders):
-        for path in sorted(folder.rglob("*")):
-            hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-            if not hidden and path.suffix.lower() in extensions and path.is_file():
-                files.append(path)
-                labels.append(label)
+        found = image_files(folder)
+        files.extend(found)
+        labels.extend([label] * len(found))
     return files, labels
 
 
