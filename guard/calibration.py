@@ -64,17 +64,19 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
     return record
 
 
-def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dict]) -> Path:
-    """Write the alert config and its calibration record into the model's manifest or sidecar
-    (checked first, then re-sealed and replaced atomically); returns the file written."""
+def model_document(path: str | Path) -> tuple[dict, Path, str]:
+    """(the checked manifest or sidecar of a model, its file, its checksum key)."""
     path = Path(path)
     kind = model_kind(path)[0]
     if kind == "artifact":
-        document, document_path, checksum_key = artifact.read_manifest(path), path / artifact.MANIFEST, \
-            artifact.CHECKSUM_KEY
-    else:
-        document, document_path, checksum_key = sidecar.read_sidecar(path, kind), sidecar.sidecar_path(path), \
-            sidecar.CHECKSUM_KEY
+        return artifact.read_manifest(path), path / artifact.MANIFEST, artifact.CHECKSUM_KEY
+    return sidecar.read_sidecar(path, kind), sidecar.sidecar_path(path), sidecar.CHECKSUM_KEY
+
+
+def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dict]) -> Path:
+    """Write the alert config and its calibration record into the model's manifest or sidecar
+    (checked first, then re-sealed and replaced atomically); returns the file written."""
+    document, document_path, checksum_key = model_document(path)
     document["alert"] = config.to_dict()
     document["alert_calibration"] = calibration
     write_sealed(document_path, document, checksum_key)

@@ -396,7 +396,7 @@ def add_calibrate(commands) -> None:
 
 def run_calibrate(args) -> int:
     from .alerts import AlertConfig
-    from .calibration import calibrate
+    from .calibration import calibrate, model_document
     from .runtime import alert_config_of
 
     _check_device(args.device)
@@ -405,7 +405,7 @@ def run_calibrate(args) -> int:
     if not Path(args.model).exists():
         raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
     # Read (and verify) the model's document before any image is loaded: a bad model fails fast.
-    current = alert_config_of(_read_model_document(Path(args.model)))
+    current = alert_config_of(model_document(args.model)[0])
     config = None
     if args.perturbations is not None or args.statistic is not None:
         config = AlertConfig(tuple(args.perturbations.split(",")) if args.perturbations else current.perturbations,
@@ -420,15 +420,6 @@ def run_calibrate(args) -> int:
         emit(f"threshold {record['threshold']:.6g} at fpr {record['fpr']} from {record['images']} clean images "
              f"of {description} (clean alert rate {record['clean_alert_rate']:.4f}); stored in {args.model}")
     return EXIT_OK
-
-
-def _read_model_document(path: Path) -> dict:
-    from .artifact import read_manifest
-    from .runtime import model_kind
-    from .sidecar import read_sidecar
-
-    kind = model_kind(path)[0]
-    return read_manifest(path) if kind == "artifact" else read_sidecar(path, kind)
 
 
 def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[list, str]:

@@ -200,11 +200,11 @@ class Guard:
                                    None if first_index is None else start)
             if alert is None:
                 logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
-                continue
-            expanded = self.preprocess.normalize(expand_batch(resized, alert))
-            all_logits, embeddings = _run_in_pieces(backend, expanded)
-            scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
-            logits.append(all_logits[:len(resized)])  # the unperturbed images come first
+            else:
+                expanded = self.preprocess.normalize(expand_batch(resized, alert))
+                all_logits, embeddings = _run_in_pieces(backend, expanded)
+                scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
+                logits.append(all_logits[:len(resized)])  # the unperturbed images come first
             if progress is not None:
                 progress(start + len(resized), len(items))
         if not logits:

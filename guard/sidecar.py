@@ -53,10 +53,7 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
         "base_model": source_manifest["base_model"],
         "method": source_manifest.get("method"),
         "metrics": source_manifest.get("metrics", {}),
-        # The alert's threshold carries over only where the scores do: fp32 matches the
-        # reference to ~1e-6; fp16 and int8 move them, so those start uncalibrated.
-        "alert": _inherited_alert(source_manifest, precision),
-        "alert_calibration": source_manifest.get("alert_calibration") if precision == "fp32" else None,
+        **_inherited_alert(source_manifest, precision),
         "source": {"path": str(source_path),
                    "sha256": source_manifest.get("manifest_sha256") or source_manifest.get("sidecar_sha256")},
         kind: details,
@@ -66,11 +63,13 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
     return path
 
 
-def _inherited_alert(source_manifest: dict, precision: str):
-    alert = source_manifest.get("alert")
-    if alert is None or precision == "fp32":
-        return alert
-    return {**alert, "threshold": None}
+def _inherited_alert(source_manifest: dict, precision: str) -> dict:
+    """The source's alert entries. Its threshold carries over only where the scores do:
+    fp32 matches the reference to ~1e-6; fp16 and int8 move them, so those start uncalibrated."""
+    alert, calibration = source_manifest.get("alert"), source_manifest.get("alert_calibration")
+    if alert is not None and precision != "fp32":
+        alert, calibration = {**alert, "threshold": None}, None
+    return {"alert": alert, "alert_calibration": calibration}
 
 
 def read_sidecar(model_path: str | Path, kind: str) -> dict:
