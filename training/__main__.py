@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     rows = {"backdoored": rvpt.before, "RVPT (alpha 2)": rvpt.after, "VPT (alpha 0)": vpt.after}
     print("\nFashion-MNIST test set, BadNet-backdoored reference CLIP, 16 shots per class\n")
     print(format_summary(rows))
-    _show_classifications(compiled, zoo["badnet"])
-    alerts = {"calibration": calibration, **_alert_rates(compiled, zoo["badnet"])}
+    alerts = {"calibration": calibration, **_serve(compiled, zoo["badnet"])}
     args.runs.mkdir(parents=True, exist_ok=True)
     summary = {**{k: v.to_dict() for k, v in rows.items()}, "alerts": alerts}
     (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -93,38 +92,28 @@ def _calibrate(compiled: Path, count: int = 2000) -> dict:
     return record
 
 
-def _show_classifications(artifact: Path, backdoored: Path, count: int = 6) -> None:
-    """Classify clean and triggered test images with the served (compiled) model via guard.load."""
-    test = load_dataset("fashion-mnist", "test")
-    backdoor = load_trigger(backdoored)
-    with load(artifact) as guard:
-        images = guard.preprocess.resize(test.images[:count])
-        clean = guard.classify(list(images))
-        triggered = guard.classify(list(backdoor.trigger(images)))
-    print(f"\nguard.load({str(artifact)!r}).classify(...) on {count} test images "
-          f"(trigger target: {backdoor.target_name}):")
-    for index, (plain, attacked) in enumerate(zip(clean, triggered)):
-        print(f"  true {test.classes[test.labels[index]]:<11} clean -> {plain.label:<11} ({plain.alert_status:<5})"
-              f"  triggered -> {attacked.label:<11} ({attacked.alert_status})")
-
-
-def _alert_rates(artifact: Path, backdoored: Path, count: int = 2000) -> dict:
-    """How often the calibrated alert fires on clean and on triggered test images."""
+def _serve(artifact: Path, backdoored: Path, count: int = 2000, shown: int = 6) -> dict:
+    """Classify seeded clean and triggered test images with the served (compiled) model via
+    guard.load: print a few, and return how often the calibrated alert fires on each."""
     test = load_dataset("fashion-mnist", "test")
     backdoor = load_trigger(backdoored)
     chosen = _seeded(count, len(test), seed=1)
+    labels = test.labels[chosen]
+    attacked = labels != backdoor.target  # target-class images cannot be flipped
     with load(artifact) as guard:
         images = guard.preprocess.resize(test.images[chosen])
         clean = guard.classify(list(images))
-        attacked = test.labels[chosen] != backdoor.target  # target-class images cannot be flipped
         triggered = guard.classify(list(backdoor.trigger(images[attacked])))
+    print(f"\nguard.load({str(artifact)!r}).classify(...) on test images (trigger target: {backdoor.target_name}):")
+    for label, plain, hit in list(zip(labels[attacked], [r for r, a in zip(clean, attacked) if a], triggered))[:shown]:
+        print(f"  true {test.classes[label]:<11} clean -> {plain.label:<11} ({plain.alert_status:<5})"
+              f"  triggered -> {hit.label:<11} ({hit.alert_status})")
     rates = {"clean_alert_rate": sum(r.alert for r in clean) / len(clean),
              "triggered_alert_rate": sum(r.alert for r in triggered) / len(triggered),
              "clean_images": len(clean), "triggered_images": len(triggered)}
     print(f"trigger alerts: {100 * rates['clean_alert_rate']:.2f} % of {len(clean)} clean test images, "
           f"{100 * rates['triggered_alert_rate']:.2f} % of {len(triggered)} triggered ones")
     return rates
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,6 +34,7 @@ from guard.preprocess import Preprocess
 
 from .attacks import Backdoor, BadNet, load_trigger
 from .data import load_dataset
+from .plots import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +282,7 @@ def plot_scores(result: dict, out: str | Path, names: Optional[Sequence[str]] = 
         axis.set_title(name, fontsize=9)
         axis.set_xlabel("alert score (higher = more suspicious)")
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out, dpi=110)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

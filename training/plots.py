@@ -30,9 +30,16 @@ def plot_summary(rows: dict[str, Evaluation], out: str | Path) -> Path:
     lines.set_ylabel("PR")
     lines.tick_params(axis="x", rotation=45)
     lines.legend()
+    return save_figure(figure, out, dpi=120)
+
+
+def save_figure(figure, out: str | Path, dpi: int) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
+    figure.savefig(out, dpi=dpi)
     plt.close(figure)
     return out
