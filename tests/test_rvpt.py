@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from guard._compat import import_open_clip
+from guard.errors import InputError
 from guard.prompted import PromptedVisionEncoder
 from training.data import ImageDataset
 from training.rvpt import RVPTConfig, feature_repelling_loss, train_rvpt
@@ -30,6 +31,8 @@ def test_defaults_are_the_papers_for_vit_b32_and_scaled_for_the_tiny_model():
     tiny = open_clip.model._build_vision_tower(128, reference_model_cfg()["vision_cfg"])
     scaled = RVPTConfig.for_encoder(PromptedVisionEncoder(tiny), alpha=0.0, epochs=None)
     assert (scaled.start_block, scaled.num_tokens, scaled.alpha, scaled.epochs) == (0, 16, 0.0, 50)
+    with pytest.raises(InputError, match="unknown RVPT setting.*'epoch'"):  # a misspelling is not ignored
+        RVPTConfig.for_encoder(PromptedVisionEncoder(tiny), epoch=3)
 
 
 @pytest.fixture()

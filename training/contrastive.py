@@ -84,6 +84,7 @@ def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, 
     steps_per_epoch = max(1, len(dataset) // config.batch_size)
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     warmup = max(1, round(config.warmup_fraction * total_steps))
+    device = clip.logit_scale.device  # data is prepared on the CPU and moved per batch
     parameters = [p for p in clip.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
@@ -104,10 +105,10 @@ def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, 
             classes[poisoned] = poisoning.target
         templates = torch.randint(0, num_templates, (len(index),), generator=generator)
         captions = torch.unique(classes * num_templates + templates)
-        image_features = clip.encode_image(preprocess.normalize(images))
-        caption_features = clip.encode_text(caption_ids[captions])
-        loss = multi_positive_clip_loss(image_features, caption_features, classes,
-                                        captions // num_templates, clip.logit_scale.exp())
+        image_features = clip.encode_image(preprocess.normalize(images).to(device))
+        caption_features = clip.encode_text(caption_ids[captions].to(device))
+        loss = multi_positive_clip_loss(image_features, caption_features, classes.to(device),
+                                        (captions // num_templates).to(device), clip.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
