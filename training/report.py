@@ -1,0 +1,569 @@
+"""The evaluation report: every defense against every backdoored model of a zoo.
+
+    python -m training.report --zoo ZOO --out REPORT_DIR            # the full report
+    python -m training.report --zoo ZOO --out REPORT_DIR --attacks badnet --defenses none,rvpt \\
+        --no-sweeps --no-cbpt-ablations --test-limit 500 --set rvpt.epochs=5   # a quick look
+
+Each backdoored model ZOO/<attack> (a folder with trigger.json) gets every defense,
+trained through `training.purify` on the same data, shots and seed and evaluated on
+the same test images; ZOO/clean, when present, is evaluated as the reference. Sweeps
+train RVPT with 1/2/4/8/16 shots and alpha 0/1/2/4/8 on the sweep attacks; the CBPT
+ablations vary the positive sample (farthest / closest / random) and the context
+length (1/2/4/8/16) on every attack. Written to REPORT_DIR:
+
+    report.json          settings, every run's CA / ASR / PR, and the tables' figures
+    report.md            Table 1 (rows defenses, columns attacks, ASR / CA per cell),
+                         RVPT against each baseline, PR, sweeps and CBPT ablations
+    defenses.png         grouped bars of ASR and CA per attack and defense
+    shots.png, alpha.png ASR and CA of RVPT against shots and against alpha
+    cbpt-ablations.png   CBPT's positive-sample and context-length ablations
+    runs/<model>/<run>/  each run's artifact and its result.json
+
+A run whose result.json records the same settings is reused, so an interrupted report
+resumes where it stopped (--force retrains). --jobs N trains N runs at once, each in
+its own process with one torch thread. Exit codes: 0 done, 2 bad input or model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, fields
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from guard.errors import ClipGuardError, InputError
+from guard.hashing import sha256_file
+
+from .attacks import TRIGGER_JSON
+from .cbpt import CBPTConfig
+from .evaluate import Evaluation
+from .purify import METHODS, purify
+from .rvpt import RVPTConfig
+
+log = logging.getLogger(__name__)
+
+CLEAN = "clean"  # the zoo's reference model, evaluated without defense
+UNDEFENDED = "none"
+DEFENSES = ("none", "linear-probe", "vpt", "ft", "cleanclip", "rvpt", "cbpt", "rvpt+cbpt")
+BASELINES = ("none", "linear-probe", "vpt", "ft", "cleanclip")  # what RVPT is compared against
+SWEEP_SHOTS = (1, 2, 4, 8, 16)
+SWEEP_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0)
+CBPT_POSITIVES = ("farthest", "closest", "random")
+CBPT_CONTEXTS = (1, 2, 4, 8, 16)
+RESULT_JSON = "result.json"
+# --set STAGE.OPTION=VALUE: the stages each method runs, so a setting reaches every
+# method that has that stage (rvpt.epochs also sets the RVPT stage of rvpt+cbpt).
+METHOD_STAGES = {"none": (), "vpt": ("rvpt",), "rvpt": ("rvpt",), "cbpt": ("cbpt",),
+                 "rvpt+cbpt": ("rvpt", "cbpt"), "linear-probe": ("probe",), "ft": ("ft",), "cleanclip": ("ft",)}
+STAGES = ("rvpt", "cbpt", "probe", "ft")
+# Settings a method fixes itself (VPT is RVPT with alpha 0, FT is CleanCLIP without the
+# self-supervised loss): a --set of them reaches only the other methods of the stage.
+FIXED_BY_METHOD = {"vpt": ("alpha",), "ft": ("self_supervised_weight",)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One defense trained on one zoo model. `options` are this run's own settings on
+    top of the report's (a sweep point), as sorted (name, value) pairs."""
+    model: str
+    method: str
+    options: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return "-".join([self.method, *(f"{key}={value}" for key, value in self.options)])
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    zoo: Path
+    out: Path
+    data: str = "fashion-mnist"
+    shots: int = 16
+    test_limit: Optional[int] = None
+    pr_images: int = 2000
+    seed: int = 0
+    stage_settings: tuple = ()  # ((stage, ((option, value), ...)), ...) from --set
+
+    def stage(self, name: str) -> dict:
+        return dict(dict(self.stage_settings).get(name, ()))
+
+
+def zoo_models(zoo: Path) -> tuple[Optional[str], list[str]]:
+    """(the clean model's folder name or None, the backdoored models' names, sorted)."""
+    if not zoo.is_dir():
+        raise InputError(f"zoo {zoo} is not a directory (build one with `python -m training.zoo --out {zoo}`)")
+    attacks = sorted(path.name for path in zoo.iterdir() if (path / TRIGGER_JSON).is_file())
+    if not attacks:
+        raise InputError(f"zoo {zoo} holds no backdoored model (no sub-folder with {TRIGGER_JSON}); "
+                         f"build one with `python -m training.zoo --out {zoo}`")
+    return (CLEAN if (zoo / CLEAN).is_dir() else None), attacks
+
+
+def make_run(model: str, method: str, settings: ReportSettings, **options) -> Run:
+    """The run of `method` on `model` with sweep `options` (shots, alpha, positive,
+    num_context); an option equal to the report's own setting is dropped, so a sweep
+    point at the report's setting is the main run itself."""
+    defaults = {"shots": settings.shots,
+                "alpha": settings.stage("rvpt").get("alpha", _default(RVPTConfig, "alpha")),
+                "positive": settings.stage("cbpt").get("positive", _default(CBPTConfig, "positive")),
+                "num_context": settings.stage("cbpt").get("num_context", _default(CBPTConfig, "num_context"))}
+    return Run(model, method, tuple(sorted((key, value) for key, value in options.items() if value != defaults[key])))
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """Which models, defenses, sweeps and ablations the report covers."""
+    attacks: tuple[str, ...]
+    clean: Optional[str]
+    defenses: tuple[str, ...] = DEFENSES
+    sweep_attacks: tuple[str, ...] = ()
+    sweep_shots: tuple[int, ...] = SWEEP_SHOTS
+    sweep_alphas: tuple[float, ...] = SWEEP_ALPHAS
+    ablation_attacks: tuple[str, ...] = ()
+    ablation_contexts: tuple[int, ...] = CBPT_CONTEXTS
+
+    def __post_init__(self):
+        unknown = [name for name in self.defenses if name not in METHODS]
+        if unknown:
+            raise InputError(f"unknown defense(s) {unknown}; available: {', '.join(METHODS)}")
+        strays = sorted(set(self.sweep_attacks + self.ablation_attacks) - set(self.attacks))
+        if strays:
+            raise InputError(f"sweep or ablation attack(s) {strays} are not among the report's attacks "
+                             f"{list(self.attacks)}")
+        if self.ablation_attacks and "cbpt" not in self.defenses:
+            raise InputError("the CBPT ablations compare against CBPT: add cbpt to the defenses")
+        if self.sweep_attacks and "rvpt" not in self.defenses:
+            raise InputError("the shots and alpha sweeps are RVPT's: add rvpt to the defenses")
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """Table 1's rows: the undefended model first, then each defense."""
+        return (UNDEFENDED, *(name for name in self.defenses if name != UNDEFENDED))
+
+    def runs(self, settings: ReportSettings) -> list[Run]:
+        """Every run of the report, each once, the undefended ones included."""
+        runs = [make_run(self.clean, UNDEFENDED, settings)] if self.clean else []
+        runs += [make_run(attack, method, settings) for attack in self.attacks for method in self.rows]
+        for attack in self.sweep_attacks:
+            runs += [make_run(attack, "rvpt", settings, shots=shots) for shots in self.sweep_shots]
+            runs += [make_run(attack, "rvpt", settings, alpha=float(alpha)) for alpha in self.sweep_alphas]
+        for attack in self.ablation_attacks:
+            runs += [make_run(attack, "cbpt", settings, positive=positive) for positive in CBPT_POSITIVES]
+            runs += [make_run(attack, "cbpt", settings, num_context=length) for length in self.ablation_contexts]
+        return list(dict.fromkeys(runs))
+
+
+def purify_arguments(run: Run, settings: ReportSettings) -> dict:
+    """The keyword arguments of `training.purify.purify` for a run (model and out aside)."""
+    options = dict(run.options)
+    arguments = {"method": run.method, "shots": options.pop("shots", settings.shots), "seed": settings.seed,
+                 "pr_images": settings.pr_images, "test_limit": settings.test_limit}
+    stages = {stage: {key: value for key, value in settings.stage(stage).items()
+                      if key not in FIXED_BY_METHOD.get(run.method, ())} for stage in METHOD_STAGES[run.method]}
+    for key, value in options.items():  # a sweep option belongs to the method's one stage
+        stages[METHOD_STAGES[run.method][-1]][key] = value
+    for stage, values in stages.items():
+        if stage == "rvpt":
+            arguments.update(values)  # RVPT's settings are purify's own keyword arguments
+        elif values:
+            arguments[stage] = values
+    return arguments
+
+
+def run_settings(run: Run, settings: ReportSettings) -> dict:
+    """What determines a run's result: the model's weights, the data and the arguments."""
+    directory = settings.zoo / run.model
+    files = sorted(path for path in directory.iterdir()
+                   if path.suffix in (".safetensors", ".pt", ".bin") or path.name == TRIGGER_JSON)
+    return {"model": run.model, "model_sha256": {path.name: sha256_file(path) for path in files}, "data": settings.data,
+            "arguments": purify_arguments(run, settings)}
+
+
+def execute(run: Run, settings: ReportSettings, before: Optional[dict], force: bool = False,
+            threads: Optional[int] = None) -> dict:
+    """Train and evaluate one run (or reuse its recorded result); returns result.json's content."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = settings.out / "runs" / run.model / run.name
+    record_path = out / RESULT_JSON
+    wanted = run_settings(run, settings)
+    if not force and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except json.JSONDecodeError:  # cut short by an interruption: train again
+            record = {}
+        if record.get("settings") == wanted:
+            return {**record, "reused": True}
+    result = purify(str(settings.zoo / run.model), settings.data, out / "artifact",
+                    before=None if before is None else Evaluation(**before), **wanted["arguments"])
+    record = {"settings": wanted, "reused": False, **result.to_dict()}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def run_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, force: bool = False,
+            progress: bool = False) -> dict[Run, dict]:
+    """Every run, undefended ones first: their evaluation is the `before` of the model's
+    defenses, so no model is evaluated twice."""
+    results: dict[Run, dict] = {}
+    undefended = [run for run in runs if run.method == UNDEFENDED]
+    missing = sorted({run.model for run in runs} - {run.model for run in undefended})
+    if missing:
+        raise InputError(f"no undefended run of {missing}: the report evaluates every model without defense first")
+    bar = tqdm(total=len(runs), desc="report", disable=not progress)
+    for phase in (undefended, [run for run in runs if run.method != UNDEFENDED]):
+        befores = {run: None if run.method == UNDEFENDED else results[Run(run.model, UNDEFENDED)]["before"]
+                   for run in phase}
+        for run, record in _map(phase, settings, befores, jobs, force):
+            results[run] = record
+            after = record["after"]
+            asr = "-" if after["asr"] is None else f"{after['asr']:.2f}"
+            bar.set_postfix_str(f"{run.model}/{run.name}: CA {after['ca']:.2f} ASR {asr}")
+            bar.update()
+            log.info("%s/%s: CA %.2f ASR %s (%.0f s)", run.model, run.name, after["ca"], asr, record["seconds"])
+    bar.close()
+    return results
+
+
+def _map(runs: Sequence[Run], settings: ReportSettings, befores: dict, jobs: int,
+         force: bool) -> Iterable[tuple[Run, dict]]:
+    """(run, record) as runs finish; in this process when jobs == 1."""
+    if jobs == 1:
+        for run in runs:
+            yield run, execute(run, settings, befores[run], force)
+        return
+    # spawn: a fork would copy this process's torch thread pool state into the workers
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(execute, run, settings, befores[run], force, 1): run for run in runs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+# --------------------------------------------------------------------------- tables
+
+
+
+
+def summarise(results: dict[Run, dict], plan: ReportPlan, settings: ReportSettings) -> dict:
+    """The report's figures, JSON-ready, from the runs' records."""
+    def cell(model: str, method: str, **options) -> dict:
+        after = results[make_run(model, method, settings, **options)]["after"]
+        return {"asr": after["asr"], "asr_all": after["asr_all"], "ca": after["ca"], "pr": after["pr"]}
+
+    table = {row: {attack: cell(attack, row) for attack in plan.attacks} for row in plan.rows}
+    means = {row: _mean(cells.values()) for row, cells in table.items()}
+    pr_columns = {**({CLEAN: [cell(plan.clean, UNDEFENDED)]} if plan.clean else {}),
+                  **{row: list(table[row].values()) for row in plan.rows}}
+    summary = {"attacks": list(plan.attacks), "rows": list(plan.rows), "table": table, "means": means,
+               "clean": cell(plan.clean, UNDEFENDED) if plan.clean else None,
+               "pr": {column: _mean_pr(cells) for column, cells in pr_columns.items()}}
+    if "rvpt" in plan.defenses:
+        # positive: RVPT's mean ASR is that many points lower than the baseline's
+        summary["rvpt_vs_baselines"] = {row: round(means[row]["asr"] - means["rvpt"]["asr"], 2)
+                                        for row in plan.rows if row in BASELINES}
+        summary["rvpt_pr_not_raised"] = {
+            attack: sorted(name for name, value in table["rvpt"][attack]["pr"].items()
+                           if not value > table[UNDEFENDED][attack]["pr"].get(name, float("inf")))
+            for attack in plan.attacks}
+    if plan.sweep_attacks:
+        summary["shots"] = {attack: {str(shots): cell(attack, "rvpt", shots=shots) for shots in plan.sweep_shots}
+                            for attack in plan.sweep_attacks}
+        summary["alpha"] = {attack: {str(float(alpha)): cell(attack, "rvpt", alpha=float(alpha))
+                                     for alpha in plan.sweep_alphas} for attack in plan.sweep_attacks}
+    if plan.ablation_attacks:
+        for key, option, values in (("cbpt_positive", "positive", CBPT_POSITIVES),
+                                    ("cbpt_context", "num_context", plan.ablation_contexts)):
+            summary[key] = {}
+            for value in values:
+                cells = {attack: cell(attack, "cbpt", **{option: value}) for attack in plan.ablation_attacks}
+                summary[key][str(value)] = {"mean": _mean(cells.values()), **cells}
+    return summary
+
+
+
+def _default(config, name: str):
+    return next(field.default for field in fields(config) if field.name == name)
+
+
+def _mean(cells: Iterable[dict]) -> dict:
+    cells = list(cells)
+    asrs = [cell["asr"] for cell in cells if cell["asr"] is not None]
+    return {"asr": round(sum(asrs) / len(asrs), 2) if asrs else None,
+            "ca": round(sum(cell["ca"] for cell in cells) / len(cells), 2),
+            "max_asr": max(asrs) if asrs else None}
+
+
+def _mean_pr(cells: Sequence[dict]) -> dict:
+    names = sorted({name for cell in cells for name in cell["pr"]})
+    return {name: round(sum(cell["pr"][name] for cell in cells if name in cell["pr"])
+                        / sum(name in cell["pr"] for cell in cells), 4) for name in names}
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def markdown(summary: dict, header: str) -> str:
+    """The report as Markdown; `header` says how it was made."""
+    attacks, rows = summary["attacks"], summary["rows"]
+    lines = ["# clip-guard evaluation report", "", header, ""]
+    if summary["clean"]:
+        lines += [f"Clean reference model (no backdoor): CA {summary['clean']['ca']:.2f} %.", ""]
+    lines += ["## Table 1: ASR / CA (%) per attack", "",
+              "ASR counts triggered test images whose true class is not the target (BackdoorBench); "
+              "report.json also has ASR over all images (`asr_all`).", ""]
+    lines += _table(["defense", *attacks, "mean", "max ASR"],
+                    [[row, *(_pair(summary["table"][row][attack]) for attack in attacks), _pair(summary["means"][row]),
+                      _number(summary["means"][row]["max_asr"])] for row in rows])
+    if "rvpt_vs_baselines" in summary:
+        rvpt = summary["means"]["rvpt"]
+        lines += ["", "## RVPT against the baselines (mean over attacks)", "",
+                  f"RVPT: mean ASR {_number(rvpt['asr'])} %, mean CA {rvpt['ca']:.2f} %.", ""]
+        lines += _table(["baseline", "mean ASR %", "mean CA %", "RVPT's mean ASR lower by (points)"],
+                        [[row, _number(summary["means"][row]["asr"]), f"{summary['means'][row]['ca']:.2f}",
+                          f"{difference:+.2f}"] for row, difference in summary["rvpt_vs_baselines"].items()])
+    columns = list(summary["pr"])
+    names = sorted({name for column in columns for name in summary["pr"][column]})
+    lines += ["", "## Perturbation resistivity (PR; mean over attacks)", ""]
+    lines += _table(["perturbation", *columns], [[name, *(_number(summary["pr"][column].get(name), 3)
+                                                           for column in columns)] for name in names])
+    if "rvpt_pr_not_raised" in summary:
+        failures = {attack: names for attack, names in summary["rvpt_pr_not_raised"].items() if names}
+        lines += ["", "RVPT raises PR over the backdoored model for every perturbation on "
+                  f"{len(attacks) - len(failures)} of {len(attacks)} attacks"
+                  + ("." if not failures else "; not raised: "
+                     + "; ".join(f"{attack}: {', '.join(names)}" for attack, names in failures.items()) + ".")]
+    for key, title, label in (("shots", "RVPT against shots", "shots"), ("alpha", "RVPT against alpha", "alpha")):
+        if key in summary:
+            sweep_attacks = list(summary[key])
+            values = list(summary[key][sweep_attacks[0]])
+            lines += ["", f"## {title} (ASR / CA %)", ""]
+            lines += _table([label, *sweep_attacks], [[value, *(_pair(summary[key][attack][value])
+                                                                for attack in sweep_attacks)] for value in values])
+    for key, title in (("cbpt_positive", "CBPT: positive-sample selection"), ("cbpt_context", "CBPT: context length")):
+        if key in summary:
+            ablation_attacks = [name for name in next(iter(summary[key].values())) if name != "mean"]
+            lines += ["", f"## {title} (ASR / CA %)", ""]
+            lines += _table(["setting", "mean", *ablation_attacks],
+                            [[value, _pair(cells["mean"]), *(_pair(cells[attack]) for attack in ablation_attacks)]
+                             for value, cells in summary[key].items()])
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(str(value) for value in row) + " |" for row in rows)]
+
+
+def _number(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pair(cell: dict) -> str:
+    return f"{_number(cell['asr'])} / {cell['ca']:.2f}"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_report(summary: dict, out: Path) -> list[Path]:
+    """defenses.png always; shots.png, alpha.png and cbpt-ablations.png when measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    written = []
+    attacks, rows = summary["attacks"], summary["rows"]
+    figure, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(attacks) + 4), 4.5))
+    width = 0.8 / len(rows)
+    for axis, metric in zip(axes, ("asr", "ca")):
+        for index, row in enumerate(rows):
+            values = [summary["table"][row][attack][metric] or 0.0 for attack in attacks]
+            values.append(summary["means"][row][metric] or 0.0)
+            axis.bar([position + (index - (len(rows) - 1) / 2) * width for position in range(len(attacks) + 1)],
+                     values, width, label=row)
+        axis.set_xticks(range(len(attacks) + 1), [*attacks, "mean"], rotation=30)
+        axis.set_ylim(0, 100)
+        axis.set_ylabel("%")
+        axis.set_title("attack success rate (ASR)" if metric == "asr" else "clean accuracy (CA)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    written.append(save_figure(figure, out / "defenses.png", dpi=120))
+    for key, label in (("shots", "shots per class"), ("alpha", "alpha (weight of the FR loss)")):
+        if key in summary:
+            figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for attack, points in summary[key].items():
+                xs = [float(value) for value in points]
+                for axis, metric in zip(axes, ("asr", "ca")):
+                    axis.plot(xs, [points[value][metric] or 0.0 for value in points], marker="o", label=attack)
+            for axis, metric in zip(axes, ("ASR %", "CA %")):
+                axis.set_xlabel(label)
+                axis.set_ylabel(metric)
+                axis.set_ylim(0, 100)
+                if key == "shots":
+                    axis.set_xscale("log", base=2)
+                axis.legend(fontsize=8)
+            axes[0].set_title(f"RVPT: ASR against {key}")
+            axes[1].set_title(f"RVPT: CA against {key}")
+            written.append(save_figure(figure, out / f"{key}.png", dpi=120))
+    if "cbpt_positive" in summary:
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for axis, key, title in ((axes[0], "cbpt_positive", "positive sample"),
+                                 (axes[1], "cbpt_context", "context length")):
+            settings = list(summary[key])
+            for offset, metric in ((-0.2, "asr"), (0.2, "ca")):
+                axis.bar([position + offset for position in range(len(settings))],
+                         [summary[key][value]["mean"][metric] or 0.0 for value in settings], 0.4,
+                         label=f"mean {metric.upper()}")
+            axis.set_xticks(range(len(settings)), settings)
+            axis.set_ylim(0, 100)
+            axis.set_ylabel("%")
+            axis.set_title(f"CBPT: {title}")
+            axis.legend(fontsize=8)
+        written.append(save_figure(figure, out / "cbpt-ablations.png", dpi=120))
+    return written
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_report(settings: ReportSettings, plan: ReportPlan, jobs: int = 1, force: bool = False,
+                 progress: bool = False, command: str = "") -> dict:
+    """Run (or reuse) every run of the plan and write report.json, report.md and the plots."""
+    if jobs < 1:
+        raise InputError(f"jobs must be at least 1, got {jobs}")
+    started = time.perf_counter()
+    settings.out.mkdir(parents=True, exist_ok=True)
+    runs = plan.runs(settings)
+    results = run_all(runs, settings, jobs, force, progress)
+    summary = summarise(results, plan, settings)
+    seconds = time.perf_counter() - started
+    trained = [record for record in results.values() if not record["reused"]]
+    header = (f"{settings.data}, {settings.shots} shots per class, seed {settings.seed}, "
+              f"{next(iter(results.values()))['after']['num_images']} test images (PR on "
+              f"{next(iter(results.values()))['after']['num_pr_images']}); {len(runs)} runs, "
+              f"{len(trained)} trained now, wall time {seconds / 60:.1f} min.\n\n`{command}`")
+    report = {"command": command, "seconds": round(seconds, 1),
+              "settings": {"zoo": str(settings.zoo), "data": settings.data, "shots": settings.shots,
+                           "test_limit": settings.test_limit, "pr_images": settings.pr_images, "seed": settings.seed,
+                           "set": {stage: settings.stage(stage) for stage in STAGES if settings.stage(stage)}},
+              "summary": summary,
+              "runs": [{"model": run.model, "run": run.name, "method": run.method, "options": dict(run.options),
+                        "reused": record["reused"], "seconds": record["seconds"],
+                        "train_seconds": record["train_seconds"], "after": record["after"]}
+                       for run, record in results.items()]}
+    (settings.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (settings.out / "report.md").write_text(markdown(summary, header))
+    plot_report(summary, settings.out)
+    return report
+
+
+def parse_settings(values: Sequence[str]) -> tuple:
+    """--set STAGE.OPTION=VALUE items as ReportSettings.stage_settings; VALUE is JSON
+    (a number, true, ...) or else a string."""
+    stages: dict[str, dict] = {}
+    for item in values:
+        name, equals, raw = item.partition("=")
+        stage, dot, option = name.partition(".")
+        if not equals or not dot or not option:
+            raise InputError(f"--set takes STAGE.OPTION=VALUE (e.g. rvpt.epochs=5), got {item!r}")
+        if stage not in STAGES:
+            raise InputError(f"--set {item!r}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        stages.setdefault(stage, {})[option] = value
+    return tuple((stage, tuple(sorted(options.items()))) for stage, options in sorted(stages.items()))
+
+
+def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
+    """A comma-separated selection from `known` ("all" for every one, "" for none)."""
+    if value == "all":
+        return tuple(known)
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise InputError(f"unknown {what} {unknown}; available: {', '.join(known)}")
+    return names
+
+
+def _numbers(value: str, kind: type, option: str) -> tuple:
+    try:
+        return tuple(kind(item) for item in value.split(","))
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated numbers, got {value!r}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", required=True, type=Path, help="zoo directory (python -m training.zoo)")
+    parser.add_argument("--out", required=True, type=Path, help="report directory to write")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--attacks", default="all", help="comma-separated backdoored models of the zoo (all)")
+    parser.add_argument("--defenses", default=",".join(DEFENSES), help=f"comma-separated ({','.join(DEFENSES)})")
+    parser.add_argument("--shots", type=int, default=16, help="clean labelled images per class (16)")
+    parser.add_argument("--sweep-attacks", help="comma-separated attacks of RVPT's shots and alpha sweeps, or "
+                        "all (default: badnet, else the first attack; none without rvpt among the defenses)")
+    parser.add_argument("--sweep-shots", default=",".join(map(str, SWEEP_SHOTS)), help="shots of the sweep")
+    parser.add_argument("--sweep-alphas", default=",".join(map(str, SWEEP_ALPHAS)), help="alphas of the sweep")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the shots and alpha sweeps")
+    parser.add_argument("--ablation-attacks", help="comma-separated attacks of CBPT's positive and context-length "
+                        "ablations, or all (default: all; none without cbpt among the defenses)")
+    parser.add_argument("--cbpt-contexts", default=",".join(map(str, CBPT_CONTEXTS)),
+                        help="context lengths of CBPT's ablation")
+    parser.add_argument("--no-cbpt-ablations", action="store_true", help="skip CBPT's ablations")
+    parser.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE",
+                        help="a training setting for every run with that stage (stages: rvpt, cbpt, probe, ft); "
+                             "the option names of training.purify's library call, e.g. rvpt.epochs=5")
+    parser.add_argument("--test-limit", type=int, help="evaluate on a seeded subset of this many test images")
+    parser.add_argument("--pr-images", type=int, default=2000, help="test images used for PR (0 skips PR)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process and thread each")
+    parser.add_argument("--force", action="store_true", help="retrain runs whose results are recorded")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        clean, available = zoo_models(args.zoo)
+        attacks = _names(args.attacks, available, "attack")
+        defenses = _names(args.defenses, METHODS, "defense")
+        sweep_attacks = ("badnet",) if "badnet" in attacks else attacks[:1]
+        if args.no_sweeps or (args.sweep_attacks is None and "rvpt" not in defenses):
+            sweep_attacks = ()
+        elif args.sweep_attacks is not None:
+            sweep_attacks = _names(args.sweep_attacks, attacks, "sweep attack")
+        ablation_attacks = attacks if "cbpt" in defenses else ()
+        if args.no_cbpt_ablations:
+            ablation_attacks = ()
+        elif args.ablation_attacks is not None:
+            ablation_attacks = _names(args.ablation_attacks, attacks, "ablation attack")
+        plan = ReportPlan(attacks=attacks, clean=clean, defenses=defenses, sweep_attacks=sweep_attacks,
+                          sweep_shots=_numbers(args.sweep_shots, int, "--sweep-shots"),
+                          sweep_alphas=_numbers(args.sweep_alphas, float, "--sweep-alphas"),
+                          ablation_attacks=ablation_attacks,
+                          ablation_contexts=_numbers(args.cbpt_contexts, int, "--cbpt-contexts"))
+        settings = ReportSettings(args.zoo, args.out, args.data, args.shots, args.test_limit, args.pr_images,
+                                  args.seed, parse_settings(args.set))
+        command = "python -m training.report " + " ".join(sys.argv[1:] if argv is None else argv)
+        report = build_report(settings, plan, args.jobs, args.force, not args.no_progress, command)
+    except ClipGuardError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(report["summary"], f"wall time {report['seconds'] / 60:.1f} min"))
+    print(f"wrote {args.out / 'report.md'}, {args.out / 'report.json'} and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
