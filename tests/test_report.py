@@ -17,8 +17,8 @@ from training import report as report_cli
 from training.attacks import BadNet
 from training.contrastive import ContrastiveConfig
 from training.poison import poison
-from training.report import (CLEAN, RESULT_JSON, ReportPlan, ReportSettings, build_report, make_run,
-                             parse_settings, purify_arguments)
+from training.report import (CLEAN, DETECTION_JSON, RESULT_JSON, STRIP_OVERLAYS, ReportPlan, ReportSettings,
+                             build_report, make_run, parse_settings, purify_arguments)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = ("--set", "rvpt.epochs=1", "--set", "rvpt.num_tokens=2", "--set", "cbpt.epochs=1",
@@ -69,7 +69,8 @@ def test_report_tables_agree_with_the_runs_and_a_rerun_reuses_them(zoo, tmp_path
     out = tmp_path / "report"
     arguments = ["--zoo", str(zoo), "--out", str(out), "--data", "digits", "--shots", "2", "--test-limit", "60",
                  "--pr-images", "20", "--defenses", "none,linear-probe,rvpt,cbpt", "--sweep-shots", "1,2",
-                 "--sweep-alphas", "0,2", "--cbpt-contexts", "1,4,8", "--no-progress", "--set", "probe.epochs=2", *FAST]
+                 "--sweep-alphas", "0,2", "--cbpt-contexts", "1,4,8", "--detection-images", "30", "--no-progress",
+                 "--set", "probe.epochs=2", *FAST]
     assert report_cli.main(arguments) == 0
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
@@ -92,12 +93,21 @@ def test_report_tables_agree_with_the_runs_and_a_rerun_reuses_them(zoo, tmp_path
     rvpt = summary["table"]["rvpt"]["badnet"]
     assert f"| rvpt | {rvpt['asr']:.2f} / {rvpt['ca']:.2f} |" in markdown
     assert "## CBPT: context length" in markdown and "## RVPT against shots" in markdown
-    for plot in ("defenses", "shots", "alpha", "cbpt-ablations"):
+    for row in ("none", "rvpt"):  # the default detection rows
+        recorded = json.loads((out / "runs" / "badnet" / row / DETECTION_JSON).read_text())
+        assert summary["detection"][row]["badnet"] == {key: recorded[key] for key in ("asr", "alert", "strip")}
+        assert recorded["alert"]["n_clean"] == 30 and recorded["strip"]["passes"] == 1 + STRIP_OVERLAYS
+        assert 0.0 <= recorded["alert"]["auroc"] <= 1.0
+        alert = recorded["alert"]
+        assert (f"{alert['auroc']:.3f} / {100 * alert['tpr@1']:.1f} / {100 * alert['tpr@5']:.1f}") in markdown
+    for plot in ("defenses", "shots", "alpha", "cbpt-ablations", "detection"):
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (out / "runs" / "badnet" / "rvpt" / RESULT_JSON).stat().st_mtime_ns
+    detection_stamp = (out / "runs" / "badnet" / "rvpt" / DETECTION_JSON).stat().st_mtime_ns
     assert report_cli.main(arguments) == 0  # everything recorded: nothing is trained again
     again = json.loads((out / "report.json").read_text())
     assert all(run["reused"] for run in again["runs"]) and again["summary"] == summary
+    assert (out / "runs" / "badnet" / "rvpt" / DETECTION_JSON).stat().st_mtime_ns == detection_stamp
     assert (out / "runs" / "badnet" / "rvpt" / RESULT_JSON).stat().st_mtime_ns == stamp
     # a changed setting retrains the runs it reaches, and only those
     assert report_cli.main([*arguments, "--set", "rvpt.lr=0.01"]) == 0
@@ -120,6 +130,8 @@ def test_parallel_runs_give_the_same_figures(zoo, tmp_path):
     (["--sweep-shots", "1,two"], "comma-separated numbers"),
     (["--defenses", "none,rvpt", "--ablation-attacks", "badnet"], "add cbpt"),
     (["--jobs", "0"], "jobs"),
+    (["--detection-images", "0"], "detection_images"),
+    (["--defenses", "none,cbpt", "--detection", "rvpt"], "detection on ['rvpt']"),
 ])
 def test_bad_requests_exit_2_and_say_why(zoo, tmp_path, capsys, arguments, message):
     out = tmp_path / "report"

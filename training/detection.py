@@ -285,9 +285,35 @@ def plot_scores(result: dict, out: str | Path, names: Optional[Sequence[str]] = 
     return save_figure(figure, out, dpi=110)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", images: int = 2000,
+                  candidates: Sequence[AlertConfig] = CANDIDATES, strip_counts: Sequence[int] = (2, 8),
+                  adaptive_weights: Sequence[float] = (), adaptive_steps: int = 100,
+                  adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,), seed: int = 0) -> dict:
+    """evaluate_detection on `images` seeded test images of `data` for a purified artifact or
+    CLIP directory `model` and the trigger recorded with `attack`; STRIP overlays and the
+    adaptive attacker's images come from the training split."""
     from .evaluate import _model_image_size, load_classifier
 
+    if images < 1 or any(count < 1 for count in strip_counts) or adaptive_steps < 0:
+        raise InputError("the image count and STRIP counts must be positive, adaptive_steps not negative")
+    image_size = _model_image_size(model)
+    test = load_dataset(data, "test", image_size=image_size)
+    train = load_dataset(data, "train", image_size=image_size)
+    classifier, preprocess = load_classifier(model, test.classes)
+    backdoor = load_trigger(Path(attack))
+    chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:images]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
+    overlays = train.images[order[:max(strip_counts, default=0)]]
+    attack_pool = order[max(strip_counts, default=0):]
+    attack_pool = attack_pool[train.labels[attack_pool] != backdoor.target][:5000]
+    result = evaluate_detection(classifier, preprocess, test.images[chosen], test.labels[chosen], backdoor,
+                                candidates, overlays if strip_counts else None, strip_counts,
+                                train.images[attack_pool], adaptive_weights, adaptive_steps, adaptive_alerts, seed)
+    result.update(model=str(model), attack=str(attack), data=data, seed=seed)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.detection", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="purified artifact directory or CLIP directory")
@@ -308,30 +334,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        strip_counts = [int(v) for v in args.strip.split(",") if v.strip()]
-        weights = [float(v) for v in args.adaptive_weights.split(",") if v.strip()]
-        adaptive_alerts = [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT]
-        if args.images < 1 or any(c < 1 for c in strip_counts) or args.adaptive_steps < 0:
-            raise InputError("--images and STRIP counts must be positive, --adaptive-steps not negative")
-        image_size = _model_image_size(args.model)
-        test = load_dataset(args.data, "test", image_size=image_size)
-        train = load_dataset(args.data, "train", image_size=image_size)
-        model, preprocess = load_classifier(args.model, test.classes)
-        backdoor = load_trigger(Path(args.attack))
-        chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.images]
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1))
-        overlays = train.images[order[:max(strip_counts, default=0)]]
-        attack_pool = order[max(strip_counts, default=0):]
-        attack_pool = attack_pool[train.labels[attack_pool] != backdoor.target][:5000]
-        result = evaluate_detection(model, preprocess, test.images[chosen], test.labels[chosen], backdoor,
-                                    CANDIDATES if args.candidates == "all" else (DEFAULT,),
-                                    overlays if strip_counts else None, strip_counts,
-                                    train.images[attack_pool], weights, args.adaptive_steps, adaptive_alerts,
-                                    args.seed)
+        result = run_detection(
+            args.model, args.attack, args.data, args.images, CANDIDATES if args.candidates == "all" else (DEFAULT,),
+            [int(v) for v in args.strip.split(",") if v.strip()],
+            [float(v) for v in args.adaptive_weights.split(",") if v.strip()], args.adaptive_steps,
+            [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT], args.seed)
     except (ClipGuardError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result.update(model=args.model, attack=args.attack, data=args.data, seed=args.seed)
     print(f"{args.model} / trigger of {args.attack}: {result['n_clean']} clean, {result['n_triggered']} triggered "
           f"(target {result['target_name']!r} left out), ASR {100 * result['asr']:.1f} %")
     print(format_table(result))

@@ -9,15 +9,18 @@ trained through `training.purify` on the same data, shots and seed and evaluated
 the same test images; ZOO/clean, when present, is evaluated as the reference. Sweeps
 train RVPT with 1/2/4/8/16 shots and alpha 0/1/2/4/8 on the sweep attacks; the CBPT
 ablations vary the positive sample (farthest / closest / random) and the context
-length (1/2/4/8/16) on every attack. Written to REPORT_DIR:
+length (1/2/4/8/16) on every attack. The undefended and the RVPT-purified models
+also get the trigger-alert evaluation of training.detection (the default alert and
+STRIP, AUROC and TPR at 1 % and 5 % FPR). Written to REPORT_DIR:
 
     report.json          settings, every run's CA / ASR / PR, and the tables' figures
     report.md            Table 1 (rows defenses, columns attacks, ASR / CA per cell),
                          RVPT against each baseline, PR, sweeps and CBPT ablations
     defenses.png         grouped bars of ASR and CA per attack and defense
     shots.png, alpha.png ASR and CA of RVPT against shots and against alpha
+    detection.png        the trigger alert against STRIP on the undefended and RVPT models
     cbpt-ablations.png   CBPT's positive-sample and context-length ablations
-    runs/<model>/<run>/  each run's artifact and its result.json
+    runs/<model>/<run>/  each run's artifact, its result.json (and detection.json)
 
 A run whose result.json records the same settings is reused, so an interrupted report
 resumes where it stopped (--force retrains). --jobs N trains N runs at once, each in
@@ -44,6 +47,8 @@ from guard.hashing import sha256_file
 
 from .attacks import TRIGGER_JSON
 from .cbpt import CBPTConfig
+from .detection import DEFAULT as DEFAULT_ALERT
+from .detection import run_detection
 from .evaluate import Evaluation
 from .purify import METHODS, purify
 from .rvpt import RVPTConfig
@@ -59,6 +64,9 @@ SWEEP_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0)
 CBPT_POSITIVES = ("farthest", "closest", "random")
 CBPT_CONTEXTS = (1, 2, 4, 8, 16)
 RESULT_JSON = "result.json"
+DETECTION_JSON = "detection.json"
+ARTIFACT = "artifact"
+STRIP_OVERLAYS = 8  # the reference detector, given 4x the default alert's 2 extra passes
 # --set STAGE.OPTION=VALUE: the stages each method runs, so a setting reaches every
 # method that has that stage (rvpt.epochs also sets the RVPT stage of rvpt+cbpt).
 METHOD_STAGES = {"none": (), "vpt": ("rvpt",), "rvpt": ("rvpt",), "cbpt": ("cbpt",),
@@ -91,7 +99,15 @@ class ReportSettings:
     test_limit: Optional[int] = None
     pr_images: int = 2000
     seed: int = 0
+    detection_images: int = 2000  # clean test images of the trigger-alert evaluation
     stage_settings: tuple = ()  # ((stage, ((option, value), ...)), ...) from --set
+
+    def __post_init__(self):
+        for name, value, least in (("shots", self.shots, 1), ("pr_images", self.pr_images, 0),
+                                   ("detection_images", self.detection_images, 1),
+                                   ("test_limit", 1 if self.test_limit is None else self.test_limit, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{name} must be an integer of at least {least}, got {value!r}")
 
     def stage(self, name: str) -> dict:
         return dict(dict(self.stage_settings).get(name, ()))
@@ -130,6 +146,7 @@ class ReportPlan:
     sweep_alphas: tuple[float, ...] = SWEEP_ALPHAS
     ablation_attacks: tuple[str, ...] = ()
     ablation_contexts: tuple[int, ...] = CBPT_CONTEXTS
+    detection: tuple[str, ...] = ()  # rows whose models get the trigger-alert evaluation
 
     def __post_init__(self):
         unknown = [name for name in self.defenses if name not in METHODS]
@@ -141,6 +158,9 @@ class ReportPlan:
                              f"{list(self.attacks)}")
         if self.ablation_attacks and "cbpt" not in self.defenses:
             raise InputError("the CBPT ablations compare against CBPT: add cbpt to the defenses")
+        if set(self.detection) - set(self.rows):
+            raise InputError(f"detection on {sorted(set(self.detection) - set(self.rows))}: only the report's own "
+                             f"rows {list(self.rows)} have models to evaluate")
         if self.sweep_attacks and "rvpt" not in self.defenses:
             raise InputError("the shots and alpha sweeps are RVPT's: add rvpt to the defenses")
 
@@ -194,20 +214,48 @@ def execute(run: Run, settings: ReportSettings, before: Optional[dict], force: b
     if threads:
         torch.set_num_threads(threads)
     out = settings.out / "runs" / run.model / run.name
-    record_path = out / RESULT_JSON
     wanted = run_settings(run, settings)
-    if not force and record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-        except json.JSONDecodeError:  # cut short by an interruption: train again
-            record = {}
-        if record.get("settings") == wanted:
-            return {**record, "reused": True}
-    result = purify(str(settings.zoo / run.model), settings.data, out / "artifact",
-                    before=None if before is None else Evaluation(**before), **wanted["arguments"])
-    record = {"settings": wanted, "reused": False, **result.to_dict()}
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    record = None if force else _recorded(out / RESULT_JSON, wanted)
+    if record is None:
+        result = purify(str(settings.zoo / run.model), settings.data, out / ARTIFACT,
+                        before=None if before is None else Evaluation(**before), **wanted["arguments"])
+        record = {"settings": wanted, "reused": False, **result.to_dict()}
+        (out / RESULT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def detect(run: Run, settings: ReportSettings, force: bool = False, threads: Optional[int] = None) -> dict:
+    """The default trigger alert and STRIP with as many passes, on a trained run's artifact
+    (or their recorded figures); returns detection.json's content."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = settings.out / "runs" / run.model / run.name
+    wanted = {"run": run_settings(run, settings), "images": settings.detection_images, "seed": settings.seed,
+              "alert": DEFAULT_ALERT.to_dict(), "strip": STRIP_OVERLAYS}
+    record = None if force else _recorded(out / DETECTION_JSON, wanted)
+    if record is None:
+        result = run_detection(str(out / ARTIFACT), settings.zoo / run.model, settings.data,
+                               settings.detection_images, (DEFAULT_ALERT,), (STRIP_OVERLAYS,), seed=settings.seed)
+        record = {"settings": wanted, "reused": False, "asr": result["asr"],
+                  "alert": _detection_figures(next(iter(result["candidates"].values()))),
+                  "strip": _detection_figures(result["strip"][f"strip-{STRIP_OVERLAYS}"])}
+        (out / DETECTION_JSON).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _detection_figures(entry: dict) -> dict:
+    return {key: entry[key] for key in ("auroc", "tpr@1", "tpr@5", "passes", "n_clean", "n_triggered")}
+
+
+def _recorded(path: Path, wanted: dict) -> Optional[dict]:
+    """A record written for exactly `wanted` settings, marked reused; else None."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:  # cut short by an interruption: compute again
+        return None
+    return {**record, "reused": True} if record.get("settings") == wanted else None
 
 
 def run_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, force: bool = False,
@@ -221,9 +269,9 @@ def run_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, force:
         raise InputError(f"no undefended run of {missing}: the report evaluates every model without defense first")
     bar = tqdm(total=len(runs), desc="report", disable=not progress)
     for phase in (undefended, [run for run in runs if run.method != UNDEFENDED]):
-        befores = {run: None if run.method == UNDEFENDED else results[Run(run.model, UNDEFENDED)]["before"]
-                   for run in phase}
-        for run, record in _map(phase, settings, befores, jobs, force):
+        calls = {run: (run, settings, None if run.method == UNDEFENDED
+                       else results[Run(run.model, UNDEFENDED)]["before"], force) for run in phase}
+        for run, record in _parallel(execute, calls, jobs):
             results[run] = record
             after = record["after"]
             asr = "-" if after["asr"] is None else f"{after['asr']:.2f}"
@@ -234,16 +282,27 @@ def run_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, force:
     return results
 
 
-def _map(runs: Sequence[Run], settings: ReportSettings, befores: dict, jobs: int,
-         force: bool) -> Iterable[tuple[Run, dict]]:
-    """(run, record) as runs finish; in this process when jobs == 1."""
+def detect_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, force: bool = False,
+               progress: bool = False) -> dict[Run, dict]:
+    results = {}
+    calls = {run: (run, settings, force) for run in runs}
+    for run, record in tqdm(_parallel(detect, calls, jobs), total=len(runs), desc="detection", disable=not progress):
+        results[run] = record
+        log.info("%s/%s: alert AUROC %.3f TPR@1%% %.3f; STRIP-%d AUROC %.3f", run.model, run.name,
+                 record["alert"]["auroc"], record["alert"]["tpr@1"], STRIP_OVERLAYS, record["strip"]["auroc"])
+    return results
+
+
+def _parallel(function, calls: dict, jobs: int) -> Iterable[tuple]:
+    """(key, function(*calls[key])) as calls finish; in this process when jobs == 1, else
+    in `jobs` worker processes with one torch thread each."""
     if jobs == 1:
-        for run in runs:
-            yield run, execute(run, settings, befores[run], force)
+        for key, arguments in calls.items():
+            yield key, function(*arguments)
         return
     # spawn: a fork would copy this process's torch thread pool state into the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(execute, run, settings, befores[run], force, 1): run for run in runs}
+        futures = {pool.submit(function, *arguments, threads=1): key for key, arguments in calls.items()}
         for future in as_completed(futures):
             yield futures[future], future.result()
 
@@ -253,7 +312,8 @@ def _map(runs: Sequence[Run], settings: ReportSettings, befores: dict, jobs: int
 
 
 
-def summarise(results: dict[Run, dict], plan: ReportPlan, settings: ReportSettings) -> dict:
+def summarise(results: dict[Run, dict], detections: dict[Run, dict], plan: ReportPlan,
+              settings: ReportSettings) -> dict:
     """The report's figures, JSON-ready, from the runs' records."""
     def cell(model: str, method: str, **options) -> dict:
         after = results[make_run(model, method, settings, **options)]["after"]
@@ -279,6 +339,10 @@ def summarise(results: dict[Run, dict], plan: ReportPlan, settings: ReportSettin
                             for attack in plan.sweep_attacks}
         summary["alpha"] = {attack: {str(float(alpha)): cell(attack, "rvpt", alpha=float(alpha))
                                      for alpha in plan.sweep_alphas} for attack in plan.sweep_attacks}
+    if plan.detection:
+        summary["detection"] = {row: {attack: {key: detections[make_run(attack, row, settings)][key]
+                                               for key in ("asr", "alert", "strip")} for attack in plan.attacks}
+                                for row in plan.detection}
     if plan.ablation_attacks:
         for key, option, values in (("cbpt_positive", "positive", CBPT_POSITIVES),
                                     ("cbpt_context", "num_context", plan.ablation_contexts)):
@@ -348,6 +412,17 @@ def markdown(summary: dict, header: str) -> str:
             lines += ["", f"## {title} (ASR / CA %)", ""]
             lines += _table([label, *sweep_attacks], [[value, *(_pair(summary[key][attack][value])
                                                                 for attack in sweep_attacks)] for value in values])
+    if "detection" in summary:
+        rows_measured = list(summary["detection"])
+        lines += ["", "## Trigger alerts: the default PR alert against STRIP", "",
+                  f"AUROC / TPR at 1 % FPR / TPR at 5 % FPR (%), clean test images against the same images "
+                  f"triggered (target class left out). The default alert makes 2 extra forward passes per image, "
+                  f"STRIP-{STRIP_OVERLAYS} makes {STRIP_OVERLAYS}.", ""]
+        lines += _table(["attack", *(f"{row}: {detector}" for row in rows_measured
+                                     for detector in ("alert", f"STRIP-{STRIP_OVERLAYS}"))],
+                        [[attack, *(_detection_cell(summary["detection"][row][attack][detector])
+                                    for row in rows_measured for detector in ("alert", "strip"))]
+                         for attack in attacks])
     for key, title in (("cbpt_positive", "CBPT: positive-sample selection"), ("cbpt_context", "CBPT: context length")):
         if key in summary:
             ablation_attacks = [name for name in next(iter(summary[key].values())) if name != "mean"]
@@ -365,6 +440,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _number(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _detection_cell(figures: dict) -> str:
+    return f"{figures['auroc']:.3f} / {100 * figures['tpr@1']:.1f} / {100 * figures['tpr@5']:.1f}"
 
 
 def _pair(cell: dict) -> str:
@@ -415,6 +494,20 @@ def plot_report(summary: dict, out: Path) -> list[Path]:
             axes[0].set_title(f"RVPT: ASR against {key}")
             axes[1].set_title(f"RVPT: CA against {key}")
             written.append(save_figure(figure, out / f"{key}.png", dpi=120))
+    if "detection" in summary:
+        figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(attacks) + 3), 4))
+        bars = [(row, detector) for row in summary["detection"] for detector in ("alert", "strip")]
+        width = 0.8 / len(bars)
+        for index, (row, detector) in enumerate(bars):
+            axis.bar([position + (index - (len(bars) - 1) / 2) * width for position in range(len(attacks))],
+                     [100 * summary["detection"][row][attack][detector]["tpr@1"] for attack in attacks], width,
+                     label=f"{row}: {'alert' if detector == 'alert' else f'STRIP-{STRIP_OVERLAYS}'}")
+        axis.set_xticks(range(len(attacks)), attacks, rotation=30)
+        axis.set_ylim(0, 100)
+        axis.set_ylabel("TPR at 1 % FPR (%)")
+        axis.set_title("trigger alerts: triggered images caught at 1 % false alarms")
+        axis.legend(fontsize=8)
+        written.append(save_figure(figure, out / "detection.png", dpi=120))
     if "cbpt_positive" in summary:
         figure, axes = plt.subplots(1, 2, figsize=(10, 4))
         for axis, key, title in ((axes[0], "cbpt_positive", "positive sample"),
@@ -445,7 +538,9 @@ def build_report(settings: ReportSettings, plan: ReportPlan, jobs: int = 1, forc
     settings.out.mkdir(parents=True, exist_ok=True)
     runs = plan.runs(settings)
     results = run_all(runs, settings, jobs, force, progress)
-    summary = summarise(results, plan, settings)
+    detections = detect_all([make_run(attack, row, settings) for row in plan.detection for attack in plan.attacks],
+                            settings, jobs, force, progress)
+    summary = summarise(results, detections, plan, settings)
     seconds = time.perf_counter() - started
     trained = [record for record in results.values() if not record["reused"]]
     header = (f"{settings.data}, {settings.shots} shots per class, seed {settings.seed}, "
@@ -497,6 +592,14 @@ def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
     return names
 
 
+def _detection_rows(args, defenses: Sequence[str]) -> tuple[str, ...]:
+    if args.no_detection:
+        return ()
+    if args.detection is None:
+        return tuple(row for row in (UNDEFENDED, "rvpt") if row == UNDEFENDED or row in defenses)
+    return _names(args.detection, METHODS, "detection row")
+
+
 def _numbers(value: str, kind: type, option: str) -> tuple:
     try:
         return tuple(kind(item) for item in value.split(","))
@@ -523,6 +626,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cbpt-contexts", default=",".join(map(str, CBPT_CONTEXTS)),
                         help="context lengths of CBPT's ablation")
     parser.add_argument("--no-cbpt-ablations", action="store_true", help="skip CBPT's ablations")
+    parser.add_argument("--detection", help="rows whose models get the trigger-alert evaluation, comma-separated "
+                        "(default: none and rvpt, those of them among the rows)")
+    parser.add_argument("--detection-images", type=int, default=2000, help="clean test images of that evaluation")
+    parser.add_argument("--no-detection", action="store_true", help="skip the trigger-alert evaluation")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE",
                         help="a training setting for every run with that stage (stages: rvpt, cbpt, probe, ft); "
                              "the option names of training.purify's library call, e.g. rvpt.epochs=5")
@@ -552,9 +659,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           sweep_shots=_numbers(args.sweep_shots, int, "--sweep-shots"),
                           sweep_alphas=_numbers(args.sweep_alphas, float, "--sweep-alphas"),
                           ablation_attacks=ablation_attacks,
-                          ablation_contexts=_numbers(args.cbpt_contexts, int, "--cbpt-contexts"))
+                          ablation_contexts=_numbers(args.cbpt_contexts, int, "--cbpt-contexts"),
+                          detection=_detection_rows(args, defenses))
         settings = ReportSettings(args.zoo, args.out, args.data, args.shots, args.test_limit, args.pr_images,
-                                  args.seed, parse_settings(args.set))
+                                  args.seed, args.detection_images, parse_settings(args.set))
         command = "python -m training.report " + " ".join(sys.argv[1:] if argv is None else argv)
         report = build_report(settings, plan, args.jobs, args.force, not args.no_progress, command)
     except ClipGuardError as error:
