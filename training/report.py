@@ -545,8 +545,10 @@ def build_report(settings: ReportSettings, plan: ReportPlan, jobs: int = 1, forc
     trained = [record for record in results.values() if not record["reused"]]
     header = (f"{settings.data}, {settings.shots} shots per class, seed {settings.seed}, "
               f"{next(iter(results.values()))['after']['num_images']} test images (PR on "
-              f"{next(iter(results.values()))['after']['num_pr_images']}); {len(runs)} runs, "
-              f"{len(trained)} trained now, wall time {seconds / 60:.1f} min.\n\n`{command}`")
+              f"{next(iter(results.values()))['after']['num_pr_images']}); {len(runs)} runs "
+              f"({sum(record['seconds'] for record in results.values()) / 60:.0f} min of training and evaluation, "
+              f"summed over runs), {len(trained)} of them trained by this invocation, whose wall time was "
+              f"{seconds / 60:.1f} min.\n\n`{command}`")
     report = {"command": command, "seconds": round(seconds, 1),
               "settings": {"zoo": str(settings.zoo), "data": settings.data, "shots": settings.shots,
                            "test_limit": settings.test_limit, "pr_images": settings.pr_images, "seed": settings.seed,
