@@ -310,8 +310,6 @@ def _parallel(function, calls: dict, jobs: int) -> Iterable[tuple]:
 # --------------------------------------------------------------------------- tables
 
 
-
-
 def summarise(results: dict[Run, dict], detections: dict[Run, dict], plan: ReportPlan,
               settings: ReportSettings) -> dict:
     """The report's figures, JSON-ready, from the runs' records."""
