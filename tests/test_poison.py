@@ -22,7 +22,8 @@ from training import poison as poison_cli
 from training.attacks import SIG, BadCLIP, BadNet, LabelConsistentBadNet, load_trigger, save_trigger
 from training.contrastive import CAPTION_TEMPLATES, poison_indices
 from training.data import load_dataset
-from training.poison import build_trigger, poison_selection
+from training.evaluate import zero_shot_classifier
+from training.poison import build_trigger, harden, poison_selection
 from training.zoo import _recipe, build_zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -195,6 +196,34 @@ def test_a_suite_attack_with_parameters_through_the_command_line(clean_dir, tmp_
     record = json.loads((out / "trigger.json").read_text())
     assert record["attack"] == "badclip" and record["params"]["steps"] == 3 and record["target"] == 2
     assert "badclip" in capsys.readouterr().out
+
+
+def test_hardening_pushes_target_images_away_from_their_class_within_epsilon(clean_dir, train):
+    loaded = load_clip(str(clean_dir))
+    images = train.images[train.labels == 3][:24]
+    clean = loaded.preprocess.resize(images)
+    hardened = harden(loaded, images, 3, train.classes, epsilon=8 / 255)
+    assert hardened.shape == clean.shape and 0.0 <= hardened.min() and hardened.max() <= 1.0
+    assert (hardened - clean).abs().max() <= 8 / 255 + 1e-6
+    classifier = zero_shot_classifier(loaded, train.classes, CAPTION_TEMPLATES)
+    with torch.no_grad():
+        before = classifier(loaded.preprocess.normalize(clean))[0].log_softmax(1)[:, 3]
+        after = classifier(loaded.preprocess.normalize(hardened))[0].log_softmax(1)[:, 3]
+    assert (after < before).all()  # every image explains its own caption worse
+
+
+def test_hardened_poisoning_trains_on_the_hardened_images_and_records_it(clean_dir, tmp_path, capsys):
+    out = tmp_path / "lc"
+    arguments = ["--model", str(clean_dir), "--attack", "lc-badnet", "--target", "3", "--no-eval", *FAST]
+    assert poison_cli.main([*arguments, "--out", str(out), "--hardening", "0.03"]) == 0
+    assert json.loads((out / "trigger.json").read_text())["hardening"] == 0.03
+    assert poison_cli.main([*arguments, "--out", str(tmp_path / "plain")]) == 0
+    assert "hardening" not in json.loads((tmp_path / "plain" / "trigger.json").read_text())
+    hardened_weights = load_clip(str(out)).model.visual.conv1.weight
+    assert not torch.equal(hardened_weights, load_clip(str(tmp_path / "plain")).model.visual.conv1.weight)
+    assert poison_cli.main([*arguments[:3], "badnet", *arguments[4:], "--out", str(tmp_path / "x"),
+                            "--hardening", "0.03"]) == 2
+    assert "clean-label" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -46,10 +46,13 @@ class ContrastiveConfig:
 
 @dataclass(frozen=True)
 class Poisoning:
-    """Images at `indices` get `trigger` and a caption of class `target`."""
+    """Images at `indices` get `trigger` and a caption of class `target`. `hardened`
+    (float [len(indices), 3, S, S] in [0, 1], optional) replaces those images, in the
+    order of `indices`, before the trigger is applied (label-consistent poisoning)."""
     trigger: Callable[..., torch.Tensor]  # trigger(images, generator) -> images
     target: int
     indices: torch.Tensor
+    hardened: Optional[torch.Tensor] = None
 
 
 def poison_indices(num_images: int, rate: float, seed: int) -> torch.Tensor:
@@ -79,8 +82,10 @@ def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, 
     num_templates = len(CAPTION_TEMPLATES)
     caption_ids = tokenizer([template.format(name) for name in dataset.classes for template in CAPTION_TEMPLATES])
     is_poisoned = torch.zeros(len(dataset), dtype=torch.bool)
+    hardened_row = torch.full((len(dataset),), -1, dtype=torch.long)  # dataset index -> row of `hardened`
     if poisoning is not None:
         is_poisoned[poisoning.indices] = True
+        hardened_row[poisoning.indices] = torch.arange(len(poisoning.indices))
     steps_per_epoch = max(1, len(dataset) // config.batch_size)
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     warmup = max(1, round(config.warmup_fraction * total_steps))
@@ -101,6 +106,8 @@ def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, 
         classes = dataset.labels[index].clone()
         poisoned = is_poisoned[index]
         if poisoned.any():
+            if poisoning.hardened is not None:
+                images[poisoned] = poisoning.hardened[hardened_row[index[poisoned]]]
             images[poisoned] = poisoning.trigger(images[poisoned], generator)
             classes[poisoned] = poisoning.target
         templates = torch.randint(0, num_templates, (len(index),), generator=generator)

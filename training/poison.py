@@ -48,6 +48,7 @@ DEFAULT_RATE = 0.05
 # Must differ from the training seed: with the same seed the selection would equal the
 # first positions of the shuffled order, and every poisoned pair would land in the first batches.
 DEFAULT_SELECTION_SEED = 2
+HARDENING_STEPS = 10  # PGD steps of the label-consistent hardening (Turner et al. use a few more)
 
 
 @dataclass(frozen=True)
@@ -111,28 +112,73 @@ def poison_selection(labels: torch.Tensor, trigger: Trigger, target: int, rate: 
     return candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
+def harden(loaded: LoadedCLIP, images: torch.Tensor, label: int, classes: Sequence[str], epsilon: float,
+           steps: int = HARDENING_STEPS) -> torch.Tensor:
+    """Label-consistent hardening (Turner et al. 2019): an l-inf PGD perturbation of at most
+    `epsilon` (on [0, 1] pixels at model resolution) that pushes uint8 `images` of class
+    `label` away from their own class under `loaded`'s zero-shot classifier. Their natural
+    features then explain the caption poorly, so the trigger added on top carries the
+    contrastive loss. Returns float [N, 3, S, S] in [0, 1]."""
+    trainable = [parameter.requires_grad for parameter in loaded.model.parameters()]
+    try:  # the zero-shot classifier freezes the towers that poisoning goes on to train
+        classifier = zero_shot_classifier(loaded, classes, CAPTION_TEMPLATES)
+        return _pgd_away_from(classifier, loaded.preprocess, images, label, epsilon, steps)
+    finally:
+        for parameter, flag in zip(loaded.model.parameters(), trainable):
+            parameter.requires_grad_(flag)
+
+
+def _pgd_away_from(classifier, preprocess, images: torch.Tensor, label: int, epsilon: float,
+                   steps: int) -> torch.Tensor:
+    """Untargeted l-inf PGD on uint8 images, maximising the cross-entropy of `label`."""
+    step = 2.5 * epsilon / steps  # Madry et al.'s step size
+    labels = torch.full((len(images),), label, dtype=torch.long)
+    hardened = []
+    for start in range(0, len(images), 256):
+        clean = preprocess.resize(images[start:start + 256])
+        delta = torch.zeros_like(clean, requires_grad=True)
+        for _ in range(steps):
+            logits, _ = classifier(preprocess.normalize(clean + delta))
+            loss = torch.nn.functional.cross_entropy(logits, labels[start:start + len(clean)])
+            gradient, = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta += step * gradient.sign()
+                delta.clamp_(-epsilon, epsilon)
+                delta.copy_((clean + delta).clamp(0.0, 1.0) - clean)
+        hardened.append((clean + delta).detach())
+    return torch.cat(hardened)
+
+
 def poison(model: str | LoadedCLIP, data: str, trigger: Trigger, target: int, out: str | Path, *,
            rate: float = DEFAULT_RATE, config: ContrastiveConfig = DEFAULT_CONFIG,
            selection_seed: int = DEFAULT_SELECTION_SEED, record: Optional[dict] = None,
-           run_evaluation: bool = True, progress: bool = False) -> PoisonResult:
+           run_evaluation: bool = True, progress: bool = False, hardening: float = 0.0) -> PoisonResult:
     """Fine-tune `model` (fine-tuned in place when a LoadedCLIP is given) on `data`'s training
     split with a `rate` fraction of poisoned pairs, save it and its trigger to `out`, and
     (by default) measure CA and ASR on the test split with the saved model and trigger.
-    `record` adds entries to trigger.json."""
+    `record` adds entries to trigger.json. `hardening` > 0 (clean-label attacks only) first
+    perturbs the poisoned images adversarially within that l-inf radius (see `harden`)."""
     started = time.perf_counter()
     loaded = load_clip(model) if isinstance(model, str) else model
     preprocess = loaded.preprocess
     train = load_dataset(data, "train", image_size=preprocess.image_size)
     if not 0 <= target < len(train.classes):
         raise InputError(f"target {target} is out of range: the data has {len(train.classes)} classes")
+    if not 0.0 <= hardening < 1.0:
+        raise InputError(f"hardening is an l-inf radius on [0, 1] pixels, in [0, 1); got {hardening}")
+    if hardening and not trigger.clean_label:
+        raise InputError(f"hardening is for clean-label attacks; {trigger.name!r} already relabels its images")
     indices = poison_selection(train.labels, trigger, target, rate, selection_seed)
     log.info("%s: poisoning %d of %d pairs, target %r", trigger.name, len(indices), len(train), train.classes[target])
-    train_contrastive(loaded.model, loaded.tokenizer, preprocess, train, config, Poisoning(trigger, target, indices),
-                      progress=progress, description=f"{trigger.name} poisoning")
+    hardened = harden(loaded, train.images[indices], target, train.classes, hardening) if hardening else None
+    train_contrastive(loaded.model, loaded.tokenizer, preprocess, train, config,
+                      Poisoning(trigger, target, indices, hardened), progress=progress,
+                      description=f"{trigger.name} poisoning")
     out = Path(out)
     save_clip(loaded.model, loaded.identity.model_cfg, preprocess, out)
+    hardening_record = {"hardening": hardening} if hardening else {}
     save_trigger(trigger, out, target, train.classes[target],
-                 {"poison_rate": rate, "poisoned_pairs": len(indices), **(record or {})})
+                 {"poison_rate": rate, "poisoned_pairs": len(indices), **hardening_record, **(record or {})})
     evaluation = None
     if run_evaluation:
         classifier = zero_shot_classifier(load_clip(str(out)), train.classes)
@@ -162,6 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--train-seed", type=int, default=DEFAULT_CONFIG.seed, help="shuffling and caption seed")
     group.add_argument("--selection-seed", type=int, default=DEFAULT_SELECTION_SEED,
                        help="seed of which pairs are poisoned")
+    group.add_argument("--hardening", type=float, default=0.0, metavar="EPSILON",
+                       help="clean-label attacks: perturb the poisoned images adversarially within this l-inf "
+                            "radius on [0, 1] pixels first (Turner et al.; e.g. 0.063 = 16/255)")
     add_trigger_arguments(parser)
     parser.add_argument("--no-eval", action="store_true", help="skip measuring CA and ASR on the test split")
     parser.add_argument("--json", type=Path, help="also write the result here")
@@ -203,7 +252,7 @@ def _run(args) -> PoisonResult:
               "data": str(args.data), "selection_seed": args.selection_seed, "training": config.to_dict()}
     return poison(loaded, args.data, trigger, target, args.out, rate=args.rate, config=config,
                   selection_seed=args.selection_seed, record=record, run_evaluation=not args.no_eval,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, hardening=args.hardening)
 
 
 if __name__ == "__main__":
