@@ -473,7 +473,7 @@ def plot_report(summary: dict, out: Path) -> list[Path]:
         axis.set_ylim(0, 100)
         axis.set_ylabel("%")
         axis.set_title("attack success rate (ASR)" if metric == "asr" else "clean accuracy (CA)")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: bars fill both panels
     written.append(save_figure(figure, out / "defenses.png", dpi=120))
     for key, label in (("shots", "shots per class"), ("alpha", "alpha (weight of the FR loss)")):
         if key in summary:
