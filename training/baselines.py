@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder
 
 from .contrastive import CAPTION_TEMPLATES, MAX_LOGIT_SCALE, multi_positive_clip_loss
+from .configs import with_overrides
 from .data import ImageDataset
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,6 @@ log = logging.getLogger(__name__)
 def _need(condition: bool, what: str, message: str) -> None:
     if not condition:
         raise InputError(f"{what} config: {message}")
-
-
-def _with_overrides(cls, what: str, overrides: dict):
-    """cls's defaults with every override that is not None; unknown names are an InputError."""
-    names = {field.name for field in fields(cls)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise InputError(f"unknown {what} settings {unknown}; known: {sorted(names)}")
-    return cls(**{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -91,7 +83,7 @@ class LinearProbeConfig:
 
     @classmethod
     def with_overrides(cls, **overrides) -> "LinearProbeConfig":
-        return _with_overrides(cls, "linear-probe", overrides)
+        return with_overrides(cls, "linear-probe", overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +118,7 @@ class FinetuneConfig:
 
     @classmethod
     def with_overrides(cls, **overrides) -> "FinetuneConfig":
-        return _with_overrides(cls, "FT", overrides)
+        return with_overrides(cls, "FT", overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)

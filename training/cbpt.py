@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
@@ -60,6 +60,7 @@ from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder, VisualPrompts
 from guard.text import CONTEXT_POSITIONS, ClassContext, TextEncoder
 
+from .configs import with_overrides
 from .data import ImageDataset
 from .rvpt import RVPTConfig, feature_repelling_loss
 
@@ -117,11 +118,7 @@ class CBPTConfig:
     @classmethod
     def with_overrides(cls, **overrides) -> "CBPTConfig":
         """The defaults with every override that is not None; unknown names are an InputError."""
-        names = {field.name for field in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise InputError(f"unknown CBPT settings {unknown}; known: {sorted(names)}")
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        return with_overrides(cls, "CBPT", overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)

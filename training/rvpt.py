@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder, VisualPrompts
 
+from .configs import check_known
 from .data import ImageDataset
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ class RVPTConfig:
         from the output already optimal) and the same prompt-to-patch ratio (50 tokens
         for 49 patches). ViT-B/32 gets exactly J = 3, b = 50; the tiny reference CLIP
         (4 blocks, 16 patches) gets J = 0, b = 16. Optimiser settings stay the paper's."""
-        unknown = sorted(set(overrides) - {field.name for field in fields(cls)})
-        if unknown:
-            raise InputError(f"unknown RVPT setting(s) {unknown}; settings: {[field.name for field in fields(cls)]}")
+        check_known(cls, "RVPT", overrides)
         num_patches = encoder.visual.positional_embedding.shape[0] - 1
         defaults = cls(start_block=max(0, encoder.num_blocks - PAPER_PROMPTED_BLOCKS),
                        num_tokens=max(1, round(PAPER_TOKENS * num_patches / PAPER_PATCHES)))
