@@ -105,7 +105,7 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
         raise InputError(f"{stray_rvpt} are RVPT settings and method {method!r} has no RVPT stage; "
                          "set the method's own with cbpt=, probe= or ft={...} (--cbpt-epochs, --probe-epochs, "
                          "--ft-epochs, ... on the command line)")
-    if not uses_cbpt and any(value is not None for value in (cbpt or {}).values()):
+    if not uses_cbpt and _given(cbpt):
         raise InputError(f"CBPT settings were given but method {method!r} has no CBPT stage; use --method cbpt "
                          "or rvpt+cbpt")
     probe, ft = _given(probe), _given(ft)

@@ -251,9 +251,7 @@ def _recorded(path: Path, wanted: dict) -> Optional[dict]:
     """A record written for exactly `wanted` settings, marked reused; else None."""
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:  # cut short by an interruption: compute again
+    except (FileNotFoundError, json.JSONDecodeError):  # never written, or cut short by an interruption
         return None
     return {**record, "reused": True} if record.get("settings") == wanted else None
 
