@@ -48,7 +48,7 @@ from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder
 
-from .contrastive import CAPTION_TEMPLATES, MAX_LOGIT_SCALE, multi_positive_clip_loss
+from .contrastive import CAPTION_TEMPLATES, ContrastiveConfig, multi_positive_clip_loss, train_contrastive
 from .configs import with_overrides
 from .data import ImageDataset
 
@@ -216,62 +216,42 @@ def finetune(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, shots: Im
     """Fine-tune every parameter of `clip` in place (FT; CleanCLIP when
     config.self_supervised_weight > 0). Returns per-epoch mean losses ("loss",
     "multimodal", "image_ss", "text_ss"). The requires_grad flags are restored after."""
-    # The seeding, batch order, caption draws and schedule mirror train_contrastive
-    # step for step, so weight 0 reproduces it exactly (tests/test_baselines.py).
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    views = torch.Generator().manual_seed(config.seed + 1)  # CleanCLIP's own draws leave `generator` alone
+    # train_contrastive runs the loop, so weight 0 is it exactly (tests/test_baselines.py);
+    # CleanCLIP's augmentations draw from a generator of their own for the same reason.
     weight = config.self_supervised_weight
-    device = next(clip.parameters()).device
-    num_templates = len(CAPTION_TEMPLATES)
-    caption_ids = tokenizer([t.format(name) for name in shots.classes for t in CAPTION_TEMPLATES]).to(device)
-    steps_per_epoch = max(1, len(shots) // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    warmup = max(1, round(config.warmup_fraction * total_steps))
+    views = torch.Generator().manual_seed(config.seed + 1)
+    caption_ids = tokenizer([t.format(name) for name in shots.classes for t in CAPTION_TEMPLATES])
+    in_modality = []  # (image_ss, text_ss) of every step
+
+    def self_supervised(images, classes, templates, scale):
+        image_ss, text_ss = _self_supervised_losses(clip, preprocess, images, classes, templates,
+                                                    caption_ids.to(images.device), scale, views, config)
+        in_modality.append((image_ss.item(), text_ss.item()))
+        return weight * (image_ss + text_ss)
+
     was_trainable = [p.requires_grad for p in clip.parameters()]
     clip.requires_grad_(True)  # PromptedVisionEncoder and TextEncoder freeze their towers
-    optimizer = torch.optim.AdamW(list(clip.parameters()), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
-    clip.train()
-    history, totals = [], {}
-    order = torch.randperm(len(shots), generator=generator)
     try:
-        for step in tqdm(range(total_steps), desc="CleanCLIP" if weight else "FT", disable=not progress):
-            offset = (step % steps_per_epoch) * config.batch_size
-            if step > 0 and offset == 0:
-                order = torch.randperm(len(shots), generator=generator)
-            index = order[offset:offset + config.batch_size]
-            images = preprocess.resize(shots.images[index]).to(device)
-            classes = shots.labels[index]
-            templates = torch.randint(0, num_templates, (len(index),), generator=generator)
-            captions = torch.unique(classes * num_templates + templates)
-            scale = clip.logit_scale.exp()
-            multimodal = multi_positive_clip_loss(
-                clip.encode_image(preprocess.normalize(images)), clip.encode_text(caption_ids[captions]),
-                classes.to(device), (captions // num_templates).to(device), scale)
-            loss, image_ss, text_ss = multimodal, torch.zeros(()), torch.zeros(())
-            if weight:
-                image_ss, text_ss = _self_supervised_losses(clip, preprocess, images, classes, templates,
-                                                            caption_ids, scale, views, config)
-                loss = multimodal + weight * (image_ss + text_ss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
-            for key, value in (("loss", loss), ("multimodal", multimodal), ("image_ss", image_ss),
-                               ("text_ss", text_ss)):
-                totals[key] = totals.get(key, 0.0) + value.item() / steps_per_epoch
-            if (step + 1) % steps_per_epoch == 0:
-                history.append(totals)
-                log.debug("%s epoch %d: %s", "CleanCLIP" if weight else "FT", len(history) - 1, totals)
-                totals = {}
+        losses = train_contrastive(
+            clip, tokenizer, preprocess, shots,
+            ContrastiveConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                              weight_decay=config.weight_decay, warmup_fraction=config.warmup_fraction,
+                              seed=config.seed),
+            progress=progress, description="CleanCLIP" if weight else "FT",
+            extra_loss=self_supervised if weight else None)
     finally:
         clip.eval()
         for parameter, trainable in zip(clip.parameters(), was_trainable):
             parameter.requires_grad_(trainable)
+    steps_per_epoch = len(losses) // config.epochs
+    history = []
+    for epoch in range(config.epochs):
+        steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        loss = sum(losses[step] for step in steps) / steps_per_epoch
+        image_ss, text_ss = (sum(in_modality[step][term] for step in steps) / steps_per_epoch if in_modality
+                             else 0.0 for term in (0, 1))
+        history.append({"loss": loss, "multimodal": loss - weight * (image_ss + text_ss),
+                        "image_ss": image_ss, "text_ss": text_ss})
     return history
 
 

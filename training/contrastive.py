@@ -31,6 +31,10 @@ CAPTION_TEMPLATES = (
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learned temperature
 
 
+# extra_loss(images, classes, templates, logit_scale) -> a scalar added to a step's loss
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class ContrastiveConfig:
     epochs: float = 1.0
@@ -74,9 +78,13 @@ def multi_positive_clip_loss(image_features: torch.Tensor, caption_features: tor
 
 def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, dataset: ImageDataset,
                       config: ContrastiveConfig, poisoning: Optional[Poisoning] = None,
-                      progress: bool = False, description: str = "contrastive") -> list[float]:
-    """Train every parameter of `clip` in place (AdamW, linear warm-up, cosine decay).
-    Returns the loss of every step. Deterministic for a fixed config and thread count."""
+                      progress: bool = False, description: str = "contrastive",
+                      extra_loss: Optional[ExtraLoss] = None) -> list[float]:
+    """Train every parameter of `clip` that requires a gradient, in place (AdamW, linear
+    warm-up, cosine decay). `extra_loss(images, classes, templates, logit_scale)` adds a
+    term to each step's loss (images: the batch at model resolution in [0, 1], before
+    normalisation; classes and templates: each image's caption draw). Returns the loss of
+    every step. Deterministic for a fixed config and thread count."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     num_templates = len(CAPTION_TEMPLATES)
@@ -112,10 +120,14 @@ def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, 
             classes[poisoned] = poisoning.target
         templates = torch.randint(0, num_templates, (len(index),), generator=generator)
         captions = torch.unique(classes * num_templates + templates)
-        image_features = clip.encode_image(preprocess.normalize(images).to(device))
+        images = images.to(device)
+        image_features = clip.encode_image(preprocess.normalize(images))
         caption_features = clip.encode_text(caption_ids[captions].to(device))
+        scale = clip.logit_scale.exp()
         loss = multi_positive_clip_loss(image_features, caption_features, classes.to(device),
-                                        (captions // num_templates).to(device), clip.logit_scale.exp())
+                                        (captions // num_templates).to(device), scale)
+        if extra_loss is not None:
+            loss = loss + extra_loss(images, classes, templates, scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
