@@ -1,8 +1,6 @@
 """guard.alerts (the per-input trigger alert) and training.detection (its evaluation)."""
 import json
-import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,6 @@ from training.evaluate import load_classifier
 
 from conftest import CLASSES
 
-ROOT = Path(__file__).resolve().parents[1]
 ALL_PERTURBATIONS = ("median:3", "open:3", "close:3", "blur:5", "downup:2", "noise:0.1", "quant:4", "hflip")
 
 
@@ -260,17 +257,15 @@ def test_cli_on_an_image_folder(tiny_artifact, tmp_path):
                            str(tmp_path / "data")]) == 2  # no trigger.json there
 
 
-@pytest.mark.skipif(not ((ROOT / "zoo/badnet/trigger.json").is_file()
-                         and os.path.isdir("/usr/share/datasets/fashion-mnist")),
-                    reason="needs the reference zoo (built by tests/test_pipeline.py) and Fashion-MNIST")
-def test_default_alert_separates_badnet_on_real_data():
+@pytest.mark.slow
+def test_default_alert_separates_badnet_on_real_data(zoo):
     from training.attacks import load_trigger
     from training.data import load_dataset
 
     test = load_dataset("fashion-mnist", "test")
-    model, preprocess = load_classifier(str(ROOT / "zoo/badnet"), test.classes)
+    model, preprocess = load_classifier(str(zoo["badnet"]), test.classes)
     chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:200]
     result = detection.evaluate_detection(model, preprocess, test.images[chosen], test.labels[chosen],
-                                          load_trigger(ROOT / "zoo/badnet"), (detection.DEFAULT,))
+                                          load_trigger(zoo["badnet"]), (detection.DEFAULT,))
     default = result["candidates"]["pr_terms[open3,median3]"]
     assert default["auroc"] > 0.97 and default["tpr@5"] > 0.85

@@ -1,10 +1,9 @@
 """End to end on the reference benchmark: zoo -> purify -> artifact -> guard.load / evaluate.
 
 Trains the real reference models (about 3 minutes on 2 cores), so it is marked slow;
-CI runs it. Set CLIP_GUARD_TEST_ZOO to a directory to reuse a built zoo across runs.
+CI runs it. The `zoo` fixture is in conftest.py (set CLIP_GUARD_TEST_ZOO to reuse a built zoo).
 """
 import json
-import os
 
 import pytest
 import torch
@@ -19,14 +18,6 @@ from training.zoo import ZOO_JSON, build_zoo
 
 pytestmark = pytest.mark.slow
 PR_NAMES = {"noise_0.01", "noise_0.03", "blur_3", "blur_5", "color_jitter", "hflip", "badnet", "blended"}
-
-
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    if not os.path.isdir("/usr/share/datasets/fashion-mnist") and not os.environ.get("CLIP_GUARD_REQUIRE_DATA"):
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    directory = os.environ.get("CLIP_GUARD_TEST_ZOO") or tmp_path_factory.mktemp("zoo")
-    return build_zoo(directory)
 
 
 @pytest.fixture(scope="session")
