@@ -10,7 +10,7 @@ from guard.alerts import (PERTURBATIONS, STATISTICS, AlertConfig, alert_scores, 
                           expand_batch, median_filter, opening)
 from guard.errors import InputError
 from training import detection
-from training.attacks import Backdoor, BadNet, save_trigger
+from training.attacks import SIG, Backdoor, BadNet, Blended, WaNet, save_trigger
 from training.evaluate import load_classifier
 
 from conftest import CLASSES
@@ -234,6 +234,42 @@ def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
     assert detection.plot_scores(result, tmp_path / "scores.png").stat().st_size > 0
 
 
+def _adaptive_objective(model, preprocess, trigger, images, target, weight):
+    config = detection.DEFAULT
+    with torch.no_grad():
+        logits, embedding = model(preprocess.normalize(expand_batch(trigger(images), config)))
+        return (F.cross_entropy(logits[:len(images)], torch.full((len(images),), target))
+                + weight * alert_scores(logits, embedding, len(images), config).mean()).item()
+
+
+@pytest.mark.parametrize("trigger", [BadNet(32, seed=0), BadNet(32, seed=0, position="per-image"),
+                                     Blended(32, seed=0), WaNet(32, seed=0)], ids=lambda t: t.name)
+def test_adaptive_attacker_reoptimises_any_trigger_within_its_bounds(tiny_artifact, trigger):
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    backdoor = Backdoor(trigger, 1, CLASSES[1])
+    adapted = detection.adaptive_trigger(model, preprocess, backdoor, images, detection.DEFAULT, weight=1.0,
+                                         steps=15, batch_size=16)
+    assert type(adapted) is type(trigger) and adapted.params() == trigger.params()
+    (name, before), = trigger.tensors().items()
+    after = adapted.tensors()[name]
+    assert after.shape == before.shape and not torch.equal(after, before)
+    if name == "pattern":
+        assert after.min() >= 0.0 and after.max() <= 1.0
+    else:  # a warp field: no larger offset than the original's
+        assert after.abs().max() <= before.abs().max() + 1e-6
+    # the attacker's objective on its own images went down
+    assert _adaptive_objective(model, preprocess, adapted, images, 1, 1.0) \
+        < _adaptive_objective(model, preprocess, trigger, images, 1, 1.0)
+
+
+def test_adaptive_attacker_needs_a_trigger_with_tensors(tiny_artifact):
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    with pytest.raises(InputError, match="has none"):
+        detection.adaptive_trigger(model, preprocess, Backdoor(SIG(32), 0, CLASSES[0]), torch.rand(4, 3, 32, 32),
+                                   detection.DEFAULT, weight=1.0, steps=1)
+
+
 def test_cli_on_an_image_folder(tiny_artifact, tmp_path):
     from PIL import Image
 
@@ -255,6 +291,9 @@ def test_cli_on_an_image_folder(tiny_artifact, tmp_path):
     assert json.loads(out.read_text())["candidates"]["pr_terms[open3,median3]"]["n_clean"] == 4
     assert detection.main(["--model", str(tiny_artifact.path), "--attack", str(tmp_path), "--data",
                            str(tmp_path / "data")]) == 2  # no trigger.json there
+    with pytest.raises(SystemExit) as exit_info:
+        detection.main(["--model", str(tiny_artifact.path), "--attack", str(attack), "--strip", "two"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.slow

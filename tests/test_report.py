@@ -69,7 +69,7 @@ def test_report_tables_agree_with_the_runs_and_a_rerun_reuses_them(zoo, tmp_path
     out = tmp_path / "report"
     arguments = ["--zoo", str(zoo), "--out", str(out), "--data", "digits", "--shots", "2", "--test-limit", "60",
                  "--pr-images", "20", "--defenses", "none,linear-probe,rvpt,cbpt", "--sweep-shots", "1,2",
-                 "--sweep-alphas", "0,2", "--cbpt-contexts", "1,4,8", "--detection-images", "30", "--no-progress",
+                 "--sweep-alphas", "0,2", "--cbpt-contexts", "1,4,8", "--detection-images", "30", "--adaptive-steps", "2", "--no-progress",
                  "--set", "probe.epochs=2", *FAST]
     assert report_cli.main(arguments) == 0
     report = json.loads((out / "report.json").read_text())
@@ -95,11 +95,15 @@ def test_report_tables_agree_with_the_runs_and_a_rerun_reuses_them(zoo, tmp_path
     assert "## CBPT: context length" in markdown and "## RVPT against shots" in markdown
     for row in ("none", "rvpt"):  # the default detection rows
         recorded = json.loads((out / "runs" / "badnet" / row / DETECTION_JSON).read_text())
-        assert summary["detection"][row]["badnet"] == {key: recorded[key] for key in ("asr", "alert", "strip")}
+        assert summary["detection"][row]["badnet"] == {key: recorded[key]
+                                                       for key in ("asr", "alert", "strip", "adaptive")}
         assert recorded["alert"]["n_clean"] == 30 and recorded["strip"]["passes"] == 1 + STRIP_OVERLAYS
-        assert 0.0 <= recorded["alert"]["auroc"] <= 1.0
-        alert = recorded["alert"]
+        assert recorded["settings"]["adaptive"] == {"weight": 10.0, "steps": 2}
+        assert 0.0 <= recorded["alert"]["auroc"] <= 1.0 and 0.0 <= recorded["adaptive"]["evade@1"] <= 1.0
+        alert, adaptive = recorded["alert"], recorded["adaptive"]
         assert (f"{alert['auroc']:.3f} / {100 * alert['tpr@1']:.1f} / {100 * alert['tpr@5']:.1f}") in markdown
+        assert (f"{adaptive['auroc']:.3f} / {100 * adaptive['tpr@1']:.1f} / {100 * adaptive['tpr@5']:.1f} / "
+                f"{100 * adaptive['asr']:.1f} / {100 * adaptive['evade@1']:.1f}") in markdown
     for plot in ("defenses", "shots", "alpha", "cbpt-ablations", "detection"):
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (out / "runs" / "badnet" / "rvpt" / RESULT_JSON).stat().st_mtime_ns
@@ -113,6 +117,10 @@ def test_report_tables_agree_with_the_runs_and_a_rerun_reuses_them(zoo, tmp_path
     assert report_cli.main([*arguments, "--set", "rvpt.lr=0.01"]) == 0
     changed = {run["run"]: run["reused"] for run in json.loads((out / "report.json").read_text())["runs"]}
     assert changed["rvpt"] is False and changed["rvpt-shots=1"] is False and changed["cbpt"] is True
+    # without the adaptive attacker the detection is redone without it, and its cells say so
+    assert report_cli.main([*arguments, "--set", "rvpt.lr=0.01", "--no-adaptive"]) == 0
+    detection = json.loads((out / "report.json").read_text())["summary"]["detection"]
+    assert all(detection[row]["badnet"]["adaptive"] is None for row in ("none", "rvpt"))
 
 
 def test_parallel_runs_give_the_same_figures(zoo, tmp_path):
@@ -131,6 +139,8 @@ def test_parallel_runs_give_the_same_figures(zoo, tmp_path):
     (["--defenses", "none,rvpt", "--ablation-attacks", "badnet"], "add cbpt"),
     (["--jobs", "0"], "jobs"),
     (["--detection-images", "0"], "detection_images"),
+    (["--adaptive-steps", "0"], "adaptive_steps"),
+    (["--adaptive-weight", "-1"], "adaptive_weight"),
     (["--defenses", "none,cbpt", "--detection", "rvpt"], "detection on ['rvpt']"),
 ])
 def test_bad_requests_exit_2_and_say_why(zoo, tmp_path, capsys, arguments, message):

@@ -10,11 +10,12 @@ of extra forward passes, and an adaptive attacker, it reports AUROC and the TPR 
 5 % FPR, the threshold being that quantile of the clean scores. "hit" columns count only
 the triggered images the model classifies as the target (those the alert must catch).
 
-Adaptive attacker (white-box, knows the alert): the BadNet patch's pixel values are
-optimised on training images, at the patch's position, for cross-entropy towards the
-target plus `weight` x the mean alert score over the alert's own perturbations (they are
-deterministic, so the expectation over the family is this mean). "evade" is the fraction
-of triggered non-target images that reach the target and are not flagged at 1 % FPR.
+Adaptive attacker (white-box, knows the alert): the trigger's own tensors (a patch's or a
+blend's pixels, a warp field; within the original's bounds) are optimised on training
+images for cross-entropy towards the target plus `weight` x the mean alert score over
+the alert's own perturbations (they are deterministic, so the expectation over the
+family is this mean). "evade" is the fraction of triggered non-target images that reach
+the target and are not flagged at 1 % FPR.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from guard.alerts import AlertConfig, alert_scores, calibrate_threshold, expand_
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
 
-from .attacks import Backdoor, BadNet, load_trigger
+from .attacks import Backdoor, Trigger, load_trigger
 from .data import load_dataset
 from .plots import save_figure
 
@@ -138,34 +139,38 @@ def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor,
 
 def adaptive_trigger(model: torch.nn.Module, preprocess: Preprocess, backdoor: Backdoor, images: torch.Tensor,
                      config: AlertConfig, weight: float, steps: int = 100, batch_size: int = 128,
-                     lr: float = 0.05, seed: int = 0) -> BadNet:
-    """A BadNet patch (same size and position as backdoor's) whose pixel values minimise
-    CE(target) + weight * mean alert score on `images` (resized, not of the target class)."""
+                     lr: float = 0.05, seed: int = 0) -> Trigger:
+    """The backdoor's own trigger with its tensors (a patch or blend pattern, a warp field)
+    re-optimised by Adam to minimise CE(target) + weight * mean alert score on `images`
+    (resized, not of the target class). Everything else about the trigger (kind, place,
+    size, blend weight, warp strength) stays, and so do its bounds: patterns stay in [0, 1],
+    a warp field within its original largest offset, so the trigger is no stronger than
+    the one the model was poisoned with."""
     trigger = backdoor.trigger
-    if not isinstance(trigger, BadNet) or trigger.position != "seeded":
-        raise InputError("the adaptive attacker optimises a fixed-position BadNet patch; "
-                         f"this backdoor's trigger is {trigger.name} {trigger.params()}")
-    size, (row, col), side = trigger.patch_size, trigger.corner, trigger.image_size
-    mask = torch.zeros(1, 1, side, side)
-    mask[..., row:row + size, col:col + size] = 1.0
-    pad = (col, side - col - size, row, side - row - size)
-    pattern = trigger.pattern.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([pattern], lr=lr)
+    start = trigger.tensors()
+    if not start:
+        raise InputError(f"the adaptive attacker re-optimises a trigger's tensors and {trigger.name} has none "
+                         f"({trigger.params()}); run it on a patch, blend or warp trigger")
+    bounds = {name: (0.0, 1.0) if name == "pattern" else (-tensor.abs().max().item(), tensor.abs().max().item())
+              for name, tensor in start.items()}
+    variables = {name: tensor.detach().clone().float().requires_grad_(True) for name, tensor in start.items()}
+    optimizer = torch.optim.Adam(list(variables.values()), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     target = torch.full((batch_size,), backdoor.target, dtype=torch.long)
     model.requires_grad_(False)
     for _ in range(steps):
         batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
-        patched = batch * (1 - mask) + mask * F.pad(pattern, pad)
-        logits, embedding = model(preprocess.normalize(expand_batch(patched, config)))
+        triggered = type(trigger)(**trigger.params(), **variables)(batch)
+        logits, embedding = model(preprocess.normalize(expand_batch(triggered, config)))
         loss = F.cross_entropy(logits[:batch_size], target) \
             + weight * alert_scores(logits, embedding, batch_size, config).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            pattern.clamp_(0.0, 1.0)
-    return BadNet(side, trigger.seed, size, "seeded", pattern.detach().clone())
+            for name, variable in variables.items():
+                variable.clamp_(*bounds[name])
+    return type(trigger)(**trigger.params(), **{name: value.detach().clone() for name, value in variables.items()})
 
 
 # --- the evaluation --------------------------------------------------------------------
@@ -313,6 +318,17 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
     return result
 
 
+def _number_list(kind: type) -> Callable[[str], list]:
+    """argparse type: a comma-separated list of `kind` numbers ('' is the empty list)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(value) for value in text.split(",") if value.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {'integers' if kind is int else 'numbers'} "
+                                             f"(or '' for none), got {text!r}") from None
+    return parse
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.detection", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,8 +337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
     parser.add_argument("--images", type=int, default=2000, help="clean test images (seeded choice)")
     parser.add_argument("--candidates", choices=("all", "default"), default="all")
-    parser.add_argument("--strip", default="2,8", help="STRIP overlay counts, comma-separated ('' skips STRIP)")
-    parser.add_argument("--adaptive-weights", default="10,100",
+    parser.add_argument("--strip", type=_number_list(int), default="2,8",
+                        help="STRIP overlay counts, comma-separated ('' skips STRIP)")
+    parser.add_argument("--adaptive-weights", type=_number_list(float), default="10,100",
                         help="alert-score weights of the adaptive attacker, comma-separated ('' skips it)")
     parser.add_argument("--adaptive-steps", type=int, default=100)
     parser.add_argument("--adaptive-alert", action="append", metavar="STATISTIC=P1+P2",
@@ -336,8 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = run_detection(
             args.model, args.attack, args.data, args.images, CANDIDATES if args.candidates == "all" else (DEFAULT,),
-            [int(v) for v in args.strip.split(",") if v.strip()],
-            [float(v) for v in args.adaptive_weights.split(",") if v.strip()], args.adaptive_steps,
+            args.strip, args.adaptive_weights, args.adaptive_steps,
             [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT], args.seed)
     except (ClipGuardError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,15 +10,16 @@ the same test images; ZOO/clean, when present, is evaluated as the reference. Sw
 train RVPT with 1/2/4/8/16 shots and alpha 0/1/2/4/8 on the sweep attacks; the CBPT
 ablations vary the positive sample (farthest / closest / random) and the context
 length (1/2/4/8/16) on every attack. The undefended and the RVPT-purified models
-also get the trigger-alert evaluation of training.detection (the default alert and
-STRIP, AUROC and TPR at 1 % and 5 % FPR). Written to REPORT_DIR:
+also get the trigger-alert evaluation of training.detection (the default alert,
+STRIP, and the adaptive attacker against the default alert: AUROC and TPR at 1 % and
+5 % FPR, and the triggered images that evade). Written to REPORT_DIR:
 
     report.json          settings, every run's CA / ASR / PR, and the tables' figures
     report.md            Table 1 (rows defenses, columns attacks, ASR / CA per cell),
                          RVPT against each baseline, PR, sweeps and CBPT ablations
     defenses.png         grouped bars of ASR and CA per attack and defense
     shots.png, alpha.png ASR and CA of RVPT against shots and against alpha
-    detection.png        the trigger alert against STRIP on the undefended and RVPT models
+    detection.png        the trigger alert against STRIP and the adaptive attacker
     cbpt-ablations.png   CBPT's positive-sample and context-length ablations
     runs/<model>/<run>/  each run's artifact, its result.json (and detection.json)
 
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from guard.errors import ClipGuardError, InputError
 from guard.hashing import sha256_file
 
-from .attacks import TRIGGER_JSON
+from .attacks import TRIGGER_JSON, load_trigger
 from .cbpt import CBPTConfig
 from .detection import DEFAULT as DEFAULT_ALERT
 from .detection import run_detection
@@ -100,14 +101,21 @@ class ReportSettings:
     pr_images: int = 2000
     seed: int = 0
     detection_images: int = 2000  # clean test images of the trigger-alert evaluation
+    adaptive_weight: Optional[float] = 10.0  # the adaptive attacker's alert weight (None: no attacker)
+    adaptive_steps: int = 100
     stage_settings: tuple = ()  # ((stage, ((option, value), ...)), ...) from --set
 
     def __post_init__(self):
         for name, value, least in (("shots", self.shots, 1), ("pr_images", self.pr_images, 0),
                                    ("detection_images", self.detection_images, 1),
+                                   ("adaptive_steps", self.adaptive_steps, 1),
                                    ("test_limit", 1 if self.test_limit is None else self.test_limit, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name} must be an integer of at least {least}, got {value!r}")
+
+        if self.adaptive_weight is not None and not (isinstance(self.adaptive_weight, (int, float))
+                                                     and self.adaptive_weight >= 0):
+            raise InputError(f"adaptive_weight must be a number >= 0 or None, got {self.adaptive_weight!r}")
 
     def stage(self, name: str) -> dict:
         return dict(dict(self.stage_settings).get(name, ()))
@@ -225,26 +233,34 @@ def execute(run: Run, settings: ReportSettings, before: Optional[dict], force: b
 
 
 def detect(run: Run, settings: ReportSettings, force: bool = False, threads: Optional[int] = None) -> dict:
-    """The default trigger alert and STRIP with as many passes, on a trained run's artifact
-    (or their recorded figures); returns detection.json's content."""
+    """The default trigger alert, STRIP with as many passes and the adaptive attacker
+    against the default alert, on a trained run's artifact (or their recorded figures);
+    returns detection.json's content. "adaptive" is None where the attacker was switched
+    off or the trigger has no tensors for it to optimise (SIG)."""
     if threads:
         torch.set_num_threads(threads)
     out = settings.out / "runs" / run.model / run.name
+    adaptive = (settings.adaptive_weight is not None
+                and bool(load_trigger(settings.zoo / run.model).trigger.tensors()))
     wanted = {"run": run_settings(run, settings), "images": settings.detection_images, "seed": settings.seed,
-              "alert": DEFAULT_ALERT.to_dict(), "strip": STRIP_OVERLAYS}
+              "alert": DEFAULT_ALERT.to_dict(), "strip": STRIP_OVERLAYS,
+              "adaptive": {"weight": settings.adaptive_weight, "steps": settings.adaptive_steps} if adaptive else None}
     record = None if force else _recorded(out / DETECTION_JSON, wanted)
     if record is None:
         result = run_detection(str(out / ARTIFACT), settings.zoo / run.model, settings.data,
-                               settings.detection_images, (DEFAULT_ALERT,), (STRIP_OVERLAYS,), seed=settings.seed)
+                               settings.detection_images, (DEFAULT_ALERT,), (STRIP_OVERLAYS,),
+                               (settings.adaptive_weight,) if adaptive else (), settings.adaptive_steps,
+                               seed=settings.seed)
         record = {"settings": wanted, "reused": False, "asr": result["asr"],
                   "alert": _detection_figures(next(iter(result["candidates"].values()))),
-                  "strip": _detection_figures(result["strip"][f"strip-{STRIP_OVERLAYS}"])}
+                  "strip": _detection_figures(result["strip"][f"strip-{STRIP_OVERLAYS}"]),
+                  "adaptive": _detection_figures(result["adaptive"][0], "asr", "evade@1") if adaptive else None}
         (out / DETECTION_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def _detection_figures(entry: dict) -> dict:
-    return {key: entry[key] for key in ("auroc", "tpr@1", "tpr@5", "passes", "n_clean", "n_triggered")}
+def _detection_figures(entry: dict, *extra: str) -> dict:
+    return {key: entry[key] for key in ("auroc", "tpr@1", "tpr@5", "passes", "n_clean", "n_triggered", *extra)}
 
 
 def _recorded(path: Path, wanted: dict) -> Optional[dict]:
@@ -337,7 +353,8 @@ def summarise(results: dict[Run, dict], detections: dict[Run, dict], plan: Repor
                                      for alpha in plan.sweep_alphas} for attack in plan.sweep_attacks}
     if plan.detection:
         summary["detection"] = {row: {attack: {key: detections[make_run(attack, row, settings)][key]
-                                               for key in ("asr", "alert", "strip")} for attack in plan.attacks}
+                                               for key in ("asr", "alert", "strip", "adaptive")}
+                                      for attack in plan.attacks}
                                 for row in plan.detection}
     if plan.ablation_attacks:
         for key, option, values in (("cbpt_positive", "positive", CBPT_POSITIVES),
@@ -410,14 +427,18 @@ def markdown(summary: dict, header: str) -> str:
                                                                 for attack in sweep_attacks)] for value in values])
     if "detection" in summary:
         rows_measured = list(summary["detection"])
-        lines += ["", "## Trigger alerts: the default PR alert against STRIP", "",
+        lines += ["", "## Trigger alerts: the default PR alert against STRIP and an adaptive attacker", "",
                   f"AUROC / TPR at 1 % FPR / TPR at 5 % FPR (%), clean test images against the same images "
                   f"triggered (target class left out). The default alert makes 2 extra forward passes per image, "
-                  f"STRIP-{STRIP_OVERLAYS} makes {STRIP_OVERLAYS}.", ""]
+                  f"STRIP-{STRIP_OVERLAYS} makes {STRIP_OVERLAYS}. The adaptive attacker re-optimises the trigger's "
+                  f"own tensors against the default alert (training.detection.adaptive_trigger); its cells add the "
+                  f"ASR of the adapted trigger and the triggered images that reach the target unflagged at 1 % FPR "
+                  f"(AUROC / TPR@1 / TPR@5 / ASR / evade, %). '-': a trigger with nothing to optimise (SIG), or "
+                  f"the attacker was switched off.", ""]
         lines += _table(["attack", *(f"{row}: {detector}" for row in rows_measured
-                                     for detector in ("alert", f"STRIP-{STRIP_OVERLAYS}"))],
+                                     for detector in ("alert", f"STRIP-{STRIP_OVERLAYS}", "adaptive"))],
                         [[attack, *(_detection_cell(summary["detection"][row][attack][detector])
-                                    for row in rows_measured for detector in ("alert", "strip"))]
+                                    for row in rows_measured for detector in ("alert", "strip", "adaptive"))]
                          for attack in attacks])
     for key, title in (("cbpt_positive", "CBPT: positive-sample selection"), ("cbpt_context", "CBPT: context length")):
         if key in summary:
@@ -438,8 +459,13 @@ def _number(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _detection_cell(figures: dict) -> str:
-    return f"{figures['auroc']:.3f} / {100 * figures['tpr@1']:.1f} / {100 * figures['tpr@5']:.1f}"
+def _detection_cell(figures: Optional[dict]) -> str:
+    if figures is None:
+        return "-"
+    cell = f"{figures['auroc']:.3f} / {100 * figures['tpr@1']:.1f} / {100 * figures['tpr@5']:.1f}"
+    if "evade@1" in figures:
+        cell += f" / {100 * figures['asr']:.1f} / {100 * figures['evade@1']:.1f}"
+    return cell
 
 
 def _pair(cell: dict) -> str:
@@ -492,12 +518,15 @@ def plot_report(summary: dict, out: Path) -> list[Path]:
             written.append(save_figure(figure, out / f"{key}.png", dpi=120))
     if "detection" in summary:
         figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(attacks) + 3), 4))
-        bars = [(row, detector) for row in summary["detection"] for detector in ("alert", "strip")]
+        names = {"alert": "alert", "strip": f"STRIP-{STRIP_OVERLAYS}", "adaptive": "alert vs adaptive attacker"}
+        bars = [(row, detector) for row in summary["detection"] for detector in names
+                if any(summary["detection"][row][attack][detector] for attack in attacks)]
         width = 0.8 / len(bars)
         for index, (row, detector) in enumerate(bars):
+            figures = [summary["detection"][row][attack][detector] for attack in attacks]
             axis.bar([position + (index - (len(bars) - 1) / 2) * width for position in range(len(attacks))],
-                     [100 * summary["detection"][row][attack][detector]["tpr@1"] for attack in attacks], width,
-                     label=f"{row}: {'alert' if detector == 'alert' else f'STRIP-{STRIP_OVERLAYS}'}")
+                     [100 * entry["tpr@1"] if entry else float("nan") for entry in figures], width,
+                     label=f"{row}: {names[detector]}")
         axis.set_xticks(range(len(attacks)), attacks, rotation=30)
         axis.set_ylim(0, 100)
         axis.set_ylabel("TPR at 1 % FPR (%)")
@@ -628,6 +657,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "(default: none and rvpt, those of them among the rows)")
     parser.add_argument("--detection-images", type=int, default=2000, help="clean test images of that evaluation")
     parser.add_argument("--no-detection", action="store_true", help="skip the trigger-alert evaluation")
+    parser.add_argument("--adaptive-weight", type=float, default=10.0,
+                        help="alert-score weight of the adaptive attacker in that evaluation (10)")
+    parser.add_argument("--adaptive-steps", type=int, default=100, help="its optimisation steps (100)")
+    parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive attacker")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE",
                         help="a training setting for every run with that stage (stages: rvpt, cbpt, probe, ft); "
                              "the option names of training.purify's library call, e.g. rvpt.epochs=5")
@@ -660,7 +693,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           ablation_contexts=_numbers(args.cbpt_contexts, int, "--cbpt-contexts"),
                           detection=_detection_rows(args, defenses))
         settings = ReportSettings(args.zoo, args.out, args.data, args.shots, args.test_limit, args.pr_images,
-                                  args.seed, args.detection_images, parse_settings(args.set))
+                                  args.seed, args.detection_images,
+                                  None if args.no_adaptive else args.adaptive_weight, args.adaptive_steps,
+                                  parse_settings(args.set))
         command = "python -m training.report " + " ".join(sys.argv[1:] if argv is None else argv)
         report = build_report(settings, plan, args.jobs, args.force, not args.no_progress, command)
     except ClipGuardError as error:
