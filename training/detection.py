@@ -296,7 +296,8 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
                   adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,), seed: int = 0) -> dict:
     """evaluate_detection on `images` seeded test images of `data` for a purified artifact or
     CLIP directory `model` and the trigger recorded with `attack`; STRIP overlays and the
-    adaptive attacker's images come from the training split."""
+    adaptive attacker's images come from one seeded order of the training split, the
+    attacker's after the overlays (so they depend on the largest STRIP count)."""
     from .evaluate import _model_image_size, load_classifier
 
     if images < 1 or any(count < 1 for count in strip_counts) or adaptive_steps < 0:

@@ -112,9 +112,9 @@ class ReportSettings:
                                    ("test_limit", 1 if self.test_limit is None else self.test_limit, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name} must be an integer of at least {least}, got {value!r}")
-
-        if self.adaptive_weight is not None and not (isinstance(self.adaptive_weight, (int, float))
-                                                     and self.adaptive_weight >= 0):
+        if self.adaptive_weight is not None and (isinstance(self.adaptive_weight, bool)
+                                                 or not isinstance(self.adaptive_weight, (int, float))
+                                                 or not self.adaptive_weight >= 0):
             raise InputError(f"adaptive_weight must be a number >= 0 or None, got {self.adaptive_weight!r}")
 
     def stage(self, name: str) -> dict:
