@@ -17,6 +17,12 @@ as the class embeddings; --probe-*), ft (contrastive fine-tuning of both towers;
 --ft-*) and cleanclip (FT plus in-modality self-supervised losses; --ft-*, --ss-weight).
 Options of a method that is not run are errors.
 
+Extension, not in either paper (off by default): --unlearn-weight W > 0 with rvpt,
+vpt or rvpt+cbpt --schedule sequential first inverts a trigger for every class from
+the shots (training/inversion.py, Neural Cleanse) and adds W * CE on the shots
+stamped with the suspected target's trigger to RVPT's loss; the inversion's findings
+go to the JSON and the manifest's metrics (docs/reference-benchmark.md).
+
 MODEL: anything `guard.models.load_clip` reads (open_clip local dir, checkpoint
 file, NAME:TAG). DATA: fashion-mnist, digits or an ImageFolder directory. Few-shot
 images come from the training split, metrics from the test split (--test-limit N:
@@ -48,6 +54,7 @@ from .baselines import FinetuneConfig, LinearProbeConfig, finetune, train_linear
 from .cbpt import CBPTConfig, POSITIVE_CHOICES, purified_text_features, train_cbpt, train_joint
 from .data import few_shot, load_dataset
 from .evaluate import Evaluation, evaluate, format_summary
+from .inversion import invert_triggers
 from .rvpt import RVPTConfig, train_rvpt
 
 log = logging.getLogger(__name__)
@@ -64,10 +71,12 @@ class PurifyResult:
     seconds: float
     train_seconds: Optional[float] = None
     classifier: Optional[PromptedCLIP] = field(default=None, repr=False, compare=False)  # the model in memory
+    inversion: Optional[dict] = None  # training.inversion's findings, when RVPT unlearned an inverted trigger
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "seconds": self.seconds, "train_seconds": self.train_seconds}
+                "seconds": self.seconds, "train_seconds": self.train_seconds,
+                **({} if self.inversion is None else {"inversion": self.inversion})}
 
 
 def find_backdoor(model_spec: str, attack: Optional[str]) -> Optional[Backdoor]:
@@ -115,6 +124,9 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
     if ft and not uses_ft:
         raise InputError(f"FT settings {sorted(ft)} were given but method {method!r} does not fine-tune; "
                          "use --method ft or cleanclip")
+    if method == "rvpt+cbpt" and schedule == "joint" and hyperparameters.get("unlearn_weight"):
+        raise InputError("unlearn_weight is supported for rvpt, vpt and rvpt+cbpt --schedule sequential, "
+                         "not the joint schedule")
     if method == "vpt" and hyperparameters.get("alpha") not in (None, 0):
         raise InputError(f"vpt is RVPT with alpha 0, got alpha {hyperparameters['alpha']}; "
                          "use --method rvpt for a repelling weight")
@@ -159,10 +171,16 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
     log.info("training %s with %s", method, {"rvpt": rvpt_config, "cbpt": cbpt_config, "schedule": schedule,
                                              "linear_probe": probe_config, "finetune": ft_config})
     train_started = time.perf_counter()
-    prompts, final_epoch, recorded = None, None, {}
+    prompts, final_epoch, recorded, inversion = None, None, {}, None
+    if rvpt_config is not None and rvpt_config.unlearn_weight:
+        inversion = invert_triggers(encoder, text_features, logit_scale, preprocess, shot_set,
+                                    rvpt_config.inversion_steps, rvpt_config.inversion_mask_weight, seed, progress)
+        log.info("trigger inversion suspects %r (anomaly index %.2f)", train.classes[inversion.suspected],
+                 inversion.anomaly_index[inversion.suspected])
+    inverted = None if inversion is None else inversion.trigger
     if method in ("rvpt", "vpt"):
         prompts, history = train_rvpt(encoder, text_features, logit_scale, preprocess, shot_set, rvpt_config,
-                                      progress)
+                                      progress, inverted)
         final_epoch = history[-1]
         recorded = rvpt_config.to_dict()
     elif uses_probe:  # the head is the class embeddings: PromptedCLIP computes the cosine probe
@@ -182,7 +200,7 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
             final_epoch, recorded = history[-1], {"cbpt": cbpt_config.to_dict()}
         elif schedule == "sequential":  # RVPT against the template embeddings, then CBPT on its prompted tower
             prompts, rvpt_history = train_rvpt(encoder, text_features, logit_scale, preprocess, shot_set,
-                                               rvpt_config, progress)
+                                               rvpt_config, progress, inverted)
             context, history = train_cbpt(*text_args, visual_prompts=prompts, progress=progress)
             final_epoch = {"rvpt": rvpt_history[-1], "cbpt": history[-1]}
         else:
@@ -204,8 +222,10 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
         logit_scale=logit_scale, classes=train.classes, templates=templates, preprocess=preprocess,
         method=method, hyperparameters={**recorded, "shots": shots, "data": data},
         metrics={"before": before.to_dict(), "after": after.to_dict(), "final_epoch": final_epoch,
-                 "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 1)})
-    return PurifyResult(Path(out), before, after, seconds, train_seconds, classifier)
+                 "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 1),
+                 **({} if inversion is None else {"inversion": inversion.to_dict(train.classes)})})
+    return PurifyResult(Path(out), before, after, seconds, train_seconds, classifier,
+                        None if inversion is None else inversion.to_dict(train.classes))
 
 
 def _given(settings: Optional[dict]) -> dict:
@@ -232,6 +252,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--epochs", type=int, help="RVPT training epochs (50)")
     group.add_argument("--lr", type=float, help="RVPT SGD learning rate (0.002)")
     group.add_argument("--batch-size", type=int, help="RVPT batch size (32)")
+    group.add_argument("--unlearn-weight", type=float, help="extension, not in the paper: weight of unlearning a "
+                       "trigger inverted from the shots (0: off; docs/reference-benchmark.md)")
+    group.add_argument("--unlearn-steps", dest="inversion_steps", type=int,
+                       help="steps of that trigger inversion (300)")
+    group.add_argument("--unlearn-mask-weight", dest="inversion_mask_weight", type=float,
+                       help="L1 weight of the inverted mask (0.01)")
     text = parser.add_argument_group("CBPT hyperparameters (default: the paper's, see training/cbpt.py)")
     text.add_argument("--schedule", default="joint", choices=SCHEDULES,
                       help="rvpt+cbpt: both at once (joint, default) or RVPT then CBPT (sequential)")
@@ -273,7 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hyperparameters = {name: getattr(args, name) for name in
-                       ("alpha", "margin", "num_tokens", "start_block", "epochs", "lr", "batch_size")}
+                       ("alpha", "margin", "num_tokens", "start_block", "epochs", "lr", "batch_size",
+                        "unlearn_weight", "inversion_steps", "inversion_mask_weight")}
     cbpt = {name: getattr(args, name) for name in
             ("num_context", "position", "positive", "rho", "inversion_steps", "inversion_lr", "trigger_weight",
              "adv_weight", "align_weight", "warmup_epochs")}

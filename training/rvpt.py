@@ -5,22 +5,30 @@ Loss = CE(logit_scale * cos(prompted image embedding, class text embeddings), y)
        max(cos(class token of the prompted encoder, class token of the frozen
        encoder at the same block), margin).
 margin = -1 is full repulsion (the paper's default); alpha = 0 is plain VPT.
+
+Extension (off by default, not in the paper): with unlearn_weight > 0 the loss adds
+unlearn_weight * CE(prompted logits of the shots carrying a trigger inverted from the
+shots themselves, y), training.inversion's Neural-Cleanse-style stand-in for the
+unknown trigger; docs/reference-benchmark.md says why and what it measures.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder, VisualPrompts
 
 from .configs import check_known
 from .data import ImageDataset
+from .inversion import InvertedTrigger
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ class RVPTConfig:
     lr: float = 0.002
     momentum: float = 0.9
     seed: int = 0
+    unlearn_weight: float = 0.0  # 0: the paper's RVPT; > 0: also unlearn an inverted trigger
+    inversion_steps: int = 300
+    inversion_mask_weight: float = 0.01
 
     @classmethod
     def for_encoder(cls, encoder: PromptedVisionEncoder, **overrides) -> "RVPTConfig":
@@ -65,9 +76,13 @@ def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor,
 
 def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logit_scale: float,
                preprocess: Preprocess, shots: ImageDataset, config: RVPTConfig,
-               progress: bool = False) -> tuple[VisualPrompts, list[dict]]:
+               progress: bool = False, inverted: Optional[InvertedTrigger] = None
+               ) -> tuple[VisualPrompts, list[dict]]:
     """Learn the prompts on the few-shot set. Returns them and per-epoch mean losses.
-    SGD with momentum and cosine decay; bf16 autocast on CUDA, fp32 on CPU."""
+    SGD with momentum and cosine decay; bf16 autocast on CUDA, fp32 on CPU.
+    `inverted` (training.inversion) is the trigger to unlearn when config.unlearn_weight > 0."""
+    if config.unlearn_weight and inverted is None:
+        raise InputError("unlearn_weight > 0 needs the inverted trigger (training.inversion.invert_triggers)")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = text_features.device
@@ -81,10 +96,11 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
     history = []
     for epoch in tqdm(range(config.epochs), desc="RVPT" if config.alpha else "VPT", disable=not progress):
         order = torch.randperm(len(shots), generator=generator)
-        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0}
+        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0}
         for start in range(0, len(shots), config.batch_size):
             index = order[start:start + config.batch_size]
-            images = preprocess(shots.images[index]).to(device)
+            resized = preprocess.resize(shots.images[index]).to(device)
+            images = preprocess.normalize(resized)
             labels = shots.labels[index].to(device)
             with autocast:
                 if config.alpha:
@@ -94,12 +110,16 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
                     prompted, fr = encoder(images, prompts), torch.zeros((), device=device)
                 logits = logit_scale * F.normalize(prompted.embedding.float(), dim=-1) @ text.T
                 ce = F.cross_entropy(logits, labels)
-                loss = ce + config.alpha * fr
+                unlearn = torch.zeros((), device=device)
+                if config.unlearn_weight:
+                    stamped = encoder(preprocess.normalize(inverted(resized)), prompts).embedding
+                    unlearn = F.cross_entropy(logit_scale * F.normalize(stamped.float(), dim=-1) @ text.T, labels)
+                loss = ce + config.alpha * fr + config.unlearn_weight * unlearn
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            for key, value in (("loss", loss), ("ce", ce), ("fr", fr)):
+            for key, value in (("loss", loss), ("ce", ce), ("fr", fr), ("unlearn", unlearn)):
                 totals[key] += value.item() / steps_per_epoch
         history.append(totals)
         log.debug("epoch %d: %s", epoch, totals)

@@ -1,0 +1,113 @@
+"""training.inversion (Neural-Cleanse-style trigger inversion on the shots) and RVPT's
+unlearning extension, on the tiny random CLIP of conftest.py; the real backdoor case is
+in tests/test_pipeline.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guard.errors import InputError
+from guard.prompted import PromptedVisionEncoder, class_logits
+from training.data import ImageDataset
+from training.inversion import InvertedTrigger, anomaly_indices, invert_triggers
+from training.rvpt import RVPTConfig, train_rvpt
+
+from conftest import CLASSES
+
+
+@pytest.fixture()
+def shots():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return ImageDataset("synthetic", images, torch.arange(16) % len(CLASSES), CLASSES)
+
+
+def _objective(encoder, tiny_artifact, shots, trigger, mask_weight):
+    """The inversion's objective for trigger.target on the other shots."""
+    others = shots.labels != trigger.target
+    images = tiny_artifact.preprocess.resize(shots.images[others])
+    with torch.no_grad():
+        embedding = encoder(tiny_artifact.preprocess.normalize(trigger(images))).embedding
+        logits = class_logits(embedding, F.normalize(tiny_artifact.text_features, dim=-1), 20.0)
+        target = torch.full((len(images),), trigger.target)
+        return (F.cross_entropy(logits, target) + mask_weight * trigger.mask.sum()).item()
+
+
+def test_anomaly_index_is_the_scaled_distance_below_the_median():
+    l1 = torch.tensor([10.0, 40.0, 44.0, 48.0, 52.0])  # median 44, MAD 4
+    expected = (44.0 - l1) / (1.4826 * 4.0)
+    assert torch.allclose(anomaly_indices(l1), expected)
+    assert int(anomaly_indices(l1).argmax()) == 0
+
+
+def test_inverted_trigger_stamps_mask_and_pattern():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1.0
+    trigger = InvertedTrigger(0, mask, torch.full((1, 3, 4, 4), 0.25))
+    images = torch.ones(2, 3, 4, 4)
+    stamped = trigger(images)
+    assert torch.all(stamped[..., :2, :2] == 0.25) and torch.all(stamped[..., 2:, :] == 1.0)
+
+
+def test_inversion_lowers_its_objective_and_is_reproducible(tiny_artifact, shots):
+    encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
+    arguments = (encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, shots)
+    start = invert_triggers(*arguments, steps=1, mask_weight=0.01)
+    longer = invert_triggers(*arguments, steps=30, mask_weight=0.01)
+    again = invert_triggers(*arguments, steps=30, mask_weight=0.01)
+    assert torch.equal(longer.masks, again.masks) and longer.anomaly_index == again.anomaly_index
+    assert longer.masks.shape == (len(CLASSES), 1, 32, 32) and longer.patterns.shape == (len(CLASSES), 3, 32, 32)
+    assert 0 <= longer.masks.min() and longer.masks.max() <= 1
+    assert 0 <= longer.patterns.min() and longer.patterns.max() <= 1
+    assert all(0.0 <= flip <= 1.0 for flip in longer.flip_rate)
+    assert longer.mask_l1 == pytest.approx(longer.masks.flatten(1).sum(1).tolist())
+    assert longer.suspected == int(torch.tensor(longer.anomaly_index).argmax())
+    assert longer.trigger.target == longer.suspected
+    for target in range(len(CLASSES)):  # each class's objective went down with more steps
+        assert _objective(encoder, tiny_artifact, shots, longer.trigger_of(target), 0.01) \
+            < _objective(encoder, tiny_artifact, shots, start.trigger_of(target), 0.01)
+    record = longer.to_dict(CLASSES)
+    assert record["suspected_target"] == CLASSES[longer.suspected] and set(record["classes"]) == set(CLASSES)
+
+
+@pytest.mark.parametrize("steps, mask_weight", [(0, 0.01), (5, -1.0)])
+def test_bad_inversion_settings_are_input_errors(tiny_artifact, shots, steps, mask_weight):
+    encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
+    with pytest.raises(InputError):
+        invert_triggers(encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, shots,
+                        steps=steps, mask_weight=mask_weight)
+
+
+def test_inversion_needs_shots_of_every_class(tiny_artifact, shots):
+    encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
+    missing = shots.subset((shots.labels != 2).nonzero().flatten())
+    with pytest.raises(InputError, match="every class"):
+        invert_triggers(encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, missing,
+                        steps=1, mask_weight=0.01)
+
+
+def _rvpt(tiny_artifact, shots, inverted=None, **overrides):
+    encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
+    config = RVPTConfig(start_block=1, num_tokens=4, epochs=3, batch_size=8, lr=0.5, **overrides)
+    return train_rvpt(encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, shots, config,
+                      inverted=inverted)
+
+
+def test_unlearning_trains_on_the_stamped_shots_and_is_off_by_default(tiny_artifact, shots):
+    trigger = InvertedTrigger(0, torch.full((1, 1, 32, 32), 0.5), torch.zeros(1, 3, 32, 32))
+    paper, paper_history = _rvpt(tiny_artifact, shots)
+    ignored, _ = _rvpt(tiny_artifact, shots, inverted=trigger)  # weight 0: the trigger changes nothing
+    assert torch.equal(paper.tokens, ignored.tokens)
+    assert all(epoch["unlearn"] == 0.0 for epoch in paper_history)
+    unlearned, history = _rvpt(tiny_artifact, shots, inverted=trigger, unlearn_weight=1.0)
+    assert not torch.equal(unlearned.tokens, paper.tokens)
+    assert history[-1]["unlearn"] < history[0]["unlearn"]
+    with pytest.raises(InputError, match="inverted trigger"):
+        _rvpt(tiny_artifact, shots, unlearn_weight=1.0)
+
+
+def test_unlearning_is_refused_for_the_joint_schedule_before_anything_loads(tmp_path):
+    from training.purify import purify
+
+    with pytest.raises(InputError, match="joint"):
+        purify("no-such-model", "digits", tmp_path / "out", method="rvpt+cbpt", schedule="joint",
+               unlearn_weight=1.0)

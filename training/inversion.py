@@ -1,0 +1,147 @@
+"""Universal trigger inversion on the few-shot set (Neural Cleanse, Wang et al. 2019).
+
+RVPT as the paper specifies never sees a trigger. On small models whose backdoor is a
+local pathway (docs/reference-benchmark.md) its repulsion cannot remove it without
+destroying clean accuracy, while prompts trained to classify *triggered* shots
+correctly can. This module finds a stand-in for the unknown trigger from the clean
+shots alone, so RVPT can unlearn it (`RVPTConfig.unlearn_weight`).
+
+For every class k, a mask m in [0, 1]^(S x S) and a pattern p in [0, 1]^(3 x S x S)
+(sigmoid-parameterised; Adam) minimise
+
+    CE(f((1 - m) x + m p), k) + mask_weight * |m|_1
+
+over the shots not of class k, f the frozen model's zero-shot classifier. A backdoor
+target needs an anomalously small mask: anomaly index_k = (median - |m_k|_1) / (1.4826
+MAD) over the classes; the suspected target is the class with the largest index, a
+backdoor being likely when it exceeds 2 (Neural Cleanse's threshold). All classes are
+inverted in one batch per step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from guard.errors import InputError
+from guard.preprocess import Preprocess
+from guard.prompted import PromptedVisionEncoder, class_logits
+
+from .data import ImageDataset
+
+log = logging.getLogger(__name__)
+
+ANOMALY_THRESHOLD = 2.0  # Neural Cleanse: an index above 2 flags a backdoor target
+MAD_TO_STD = 1.4826  # consistency constant of the median absolute deviation for normal data
+INVERSION_LR = 0.1
+
+
+@dataclass(frozen=True)
+class InvertedTrigger:
+    """x' = (1 - mask) x + mask * pattern on float images [N, 3, S, S] in [0, 1]."""
+    target: int
+    mask: torch.Tensor  # [1, 1, S, S] in [0, 1]
+    pattern: torch.Tensor  # [1, 3, S, S] in [0, 1]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mask, pattern = self.mask.to(images), self.pattern.to(images)
+        return (1 - mask) * images + mask * pattern
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """Per class: the inverted mask and pattern, the mask's L1 norm, the fraction of the
+    other shots the trigger flips to the class, and its anomaly index."""
+    masks: torch.Tensor  # [C, 1, S, S]
+    patterns: torch.Tensor  # [C, 3, S, S]
+    mask_l1: tuple[float, ...]
+    flip_rate: tuple[float, ...]
+    anomaly_index: tuple[float, ...]
+
+    @property
+    def suspected(self) -> int:
+        """The class with the largest anomaly index: the likeliest backdoor target."""
+        return max(range(len(self.anomaly_index)), key=self.anomaly_index.__getitem__)
+
+    def trigger_of(self, target: int) -> InvertedTrigger:
+        return InvertedTrigger(target, self.masks[target:target + 1], self.patterns[target:target + 1])
+
+    @property
+    def trigger(self) -> InvertedTrigger:
+        return self.trigger_of(self.suspected)
+
+    @property
+    def backdoor_likely(self) -> bool:
+        return self.anomaly_index[self.suspected] > ANOMALY_THRESHOLD
+
+    def to_dict(self, classes: tuple[str, ...] | list[str]) -> dict:
+        return {"suspected_target": classes[self.suspected], "backdoor_likely": self.backdoor_likely,
+                "threshold": ANOMALY_THRESHOLD,
+                "classes": {name: {"mask_l1": round(l1, 4), "flip_rate": round(flip, 4),
+                                   "anomaly_index": round(index, 4)}
+                            for name, l1, flip, index in zip(classes, self.mask_l1, self.flip_rate,
+                                                             self.anomaly_index)}}
+
+
+def anomaly_indices(mask_l1: torch.Tensor) -> torch.Tensor:
+    """(median - l1) / (1.4826 * MAD): large for classes with unusually small masks."""
+    median = mask_l1.median()
+    mad = MAD_TO_STD * (mask_l1 - median).abs().median()
+    return (median - mask_l1) / mad.clamp_min(1e-12)
+
+
+def invert_triggers(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logit_scale: float,
+                    preprocess: Preprocess, shots: ImageDataset, steps: int, mask_weight: float,
+                    seed: int = 0, progress: bool = False) -> Inversion:
+    """Invert a mask and pattern towards every class on the shots (see the module doc)."""
+    num_classes = text_features.shape[0]
+    if steps < 1 or not mask_weight >= 0:
+        raise InputError(f"inversion steps must be >= 1 and the mask weight >= 0, got {steps}, {mask_weight}")
+    counts = torch.bincount(shots.labels, minlength=num_classes)
+    if (counts == 0).any() or (counts == len(shots)).any():
+        raise InputError("trigger inversion needs shots of every class and of more than one class")
+    device = text_features.device
+    others = (len(shots) - counts).to(device).float()  # rows per class
+    images = preprocess.resize(shots.images).to(device)
+    labels = shots.labels.to(device)
+    side = images.shape[-1]
+    # every class k is pushed onto the shots of the other classes: one row per (k, shot)
+    rows = [(k, index) for k in range(num_classes) for index in (labels != k).nonzero().flatten().tolist()]
+    row_class = torch.tensor([k for k, _ in rows], device=device)
+    row_image = torch.tensor([index for _, index in rows], device=device)
+    generator = torch.Generator().manual_seed(seed)
+    mask_logits = torch.full((num_classes, 1, side, side), -3.0, device=device, requires_grad=True)
+    pattern_logits = (torch.rand(num_classes, 3, side, side, generator=generator) * 2 - 1).to(device)
+    pattern_logits.requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logits, pattern_logits], lr=INVERSION_LR)
+    text = F.normalize(text_features.float(), dim=-1)
+
+    def stamped_logits() -> tuple[torch.Tensor, torch.Tensor]:
+        mask, pattern = torch.sigmoid(mask_logits), torch.sigmoid(pattern_logits)
+        stamped = (1 - mask[row_class]) * images[row_image] + mask[row_class] * pattern[row_class]
+        return class_logits(encoder(preprocess.normalize(stamped)).embedding, text, logit_scale), mask
+
+    encoder.eval()
+    for _ in tqdm(range(steps), desc="trigger inversion", disable=not progress):
+        logits, mask = stamped_logits()
+        # per class: mean CE over its rows, plus its mask's L1 norm
+        per_row = F.cross_entropy(logits, row_class, reduction="none")
+        ce = torch.zeros(num_classes, device=device).index_add(0, row_class, per_row) / others
+        loss = (ce + mask_weight * mask.flatten(1).sum(1)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits, mask = stamped_logits()
+        flips = torch.zeros(num_classes, device=device).index_add(
+            0, row_class, (logits.argmax(-1) == row_class).float()) / others
+        mask_l1 = mask.flatten(1).sum(1).cpu()
+        inversion = Inversion(mask.cpu(), torch.sigmoid(pattern_logits).cpu(), tuple(mask_l1.tolist()),
+                              tuple(flips.cpu().tolist()), tuple(anomaly_indices(mask_l1).tolist()))
+    if not inversion.backdoor_likely:
+        log.warning("trigger inversion: no class stands out (largest anomaly index %.2f <= %.1f); the model may "
+                    "carry no patch-like backdoor", inversion.anomaly_index[inversion.suspected], ANOMALY_THRESHOLD)
+    return inversion
