@@ -111,3 +111,13 @@ def test_unlearning_is_refused_for_the_joint_schedule_before_anything_loads(tmp_
     with pytest.raises(InputError, match="joint"):
         purify("no-such-model", "digits", tmp_path / "out", method="rvpt+cbpt", schedule="joint",
                unlearn_weight=1.0)
+
+
+def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
+    from training import purify as purify_cli
+
+    code = purify_cli.main(["--method", "vpt", "--model", str(tmp_path / "no-such-model"), "--data", "digits",
+                            "--out", str(tmp_path / "out"), "--unlearn-weight", "1", "--unlearn-steps", "5",
+                            "--unlearn-mask-weight", "0.1"])
+    error = capsys.readouterr().err
+    assert code == 2 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model

@@ -174,7 +174,7 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
     prompts, final_epoch, recorded, inversion = None, None, {}, None
     if rvpt_config is not None and rvpt_config.unlearn_weight:
         inversion = invert_triggers(encoder, text_features, logit_scale, preprocess, shot_set,
-                                    rvpt_config.inversion_steps, rvpt_config.inversion_mask_weight, seed, progress)
+                                    rvpt_config.unlearn_steps, rvpt_config.unlearn_mask_weight, seed, progress)
         log.info("trigger inversion suspects %r (anomaly index %.2f)", train.classes[inversion.suspected],
                  inversion.anomaly_index[inversion.suspected])
     inverted = None if inversion is None else inversion.trigger
@@ -254,9 +254,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--batch-size", type=int, help="RVPT batch size (32)")
     group.add_argument("--unlearn-weight", type=float, help="extension, not in the paper: weight of unlearning a "
                        "trigger inverted from the shots (0: off; docs/reference-benchmark.md)")
-    group.add_argument("--unlearn-steps", dest="inversion_steps", type=int,
+    group.add_argument("--unlearn-steps", type=int,
                        help="steps of that trigger inversion (300)")
-    group.add_argument("--unlearn-mask-weight", dest="inversion_mask_weight", type=float,
+    group.add_argument("--unlearn-mask-weight", type=float,
                        help="L1 weight of the inverted mask (0.01)")
     text = parser.add_argument_group("CBPT hyperparameters (default: the paper's, see training/cbpt.py)")
     text.add_argument("--schedule", default="joint", choices=SCHEDULES,
@@ -300,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hyperparameters = {name: getattr(args, name) for name in
                        ("alpha", "margin", "num_tokens", "start_block", "epochs", "lr", "batch_size",
-                        "unlearn_weight", "inversion_steps", "inversion_mask_weight")}
+                        "unlearn_weight", "unlearn_steps", "unlearn_mask_weight")}
     cbpt = {name: getattr(args, name) for name in
             ("num_context", "position", "positive", "rho", "inversion_steps", "inversion_lr", "trigger_weight",
              "adv_weight", "align_weight", "warmup_epochs")}

@@ -49,8 +49,8 @@ class RVPTConfig:
     momentum: float = 0.9
     seed: int = 0
     unlearn_weight: float = 0.0  # 0: the paper's RVPT; > 0: also unlearn an inverted trigger
-    inversion_steps: int = 300
-    inversion_mask_weight: float = 0.01
+    unlearn_steps: int = 300  # steps of the trigger inversion
+    unlearn_mask_weight: float = 0.01  # L1 weight of its mask
 
     @classmethod
     def for_encoder(cls, encoder: PromptedVisionEncoder, **overrides) -> "RVPTConfig":
