@@ -140,6 +140,7 @@ def test_parallel_runs_give_the_same_figures(zoo, tmp_path):
     (["--jobs", "0"], "jobs"),
     (["--detection-images", "0"], "detection_images"),
     (["--adaptive-steps", "0"], "adaptive_steps"),
+    (["--defenses", "none,rvpt+cbpt", "--set", "rvpt.unlearn_weight=1"], "joint schedule"),
     (["--adaptive-weight", "-1"], "adaptive_weight"),
     (["--defenses", "none,cbpt", "--detection", "rvpt"], "detection on ['rvpt']"),
 ])
