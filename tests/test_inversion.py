@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from guard.errors import InputError
 from guard.prompted import PromptedVisionEncoder, class_logits
 from training.data import ImageDataset
-from training.inversion import InvertedTrigger, anomaly_indices, invert_triggers
+from training.inversion import Inversion, InvertedTrigger, anomaly_indices, invert_triggers, refine_trigger
 from training.rvpt import RVPTConfig, train_rvpt
 
 from conftest import CLASSES
@@ -85,24 +85,79 @@ def test_inversion_needs_shots_of_every_class(tiny_artifact, shots):
                         steps=1, mask_weight=0.01)
 
 
-def _rvpt(tiny_artifact, shots, inverted=None, **overrides):
+def _inversion(median_l1: float) -> Inversion:
+    """A hand-made inversion whose suspected target is class 0 (a 16-pixel corner mask at 0.5 over
+    a black pattern) and whose median mask L1 is `median_l1` (the recorded norms are bookkeeping:
+    only the suspect and the median matter to unlearning)."""
+    masks = torch.zeros(len(CLASSES), 1, 32, 32)
+    masks[0, :, :4, :4] = 0.5
+    mask_l1 = (median_l1 / 2,) + (median_l1,) * (len(CLASSES) - 1)
+    inversion = Inversion(masks, torch.zeros(len(CLASSES), 3, 32, 32), mask_l1, (1.0,) * len(CLASSES),
+                          tuple(anomaly_indices(torch.tensor(mask_l1)).tolist()))
+    assert inversion.suspected == 0 and inversion.median_mask_l1 == median_l1
+    return inversion
+
+
+def _rvpt(tiny_artifact, shots, inversion=None, **overrides):
     encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
     config = RVPTConfig(start_block=1, num_tokens=4, epochs=3, batch_size=8, lr=0.5, **overrides)
     return train_rvpt(encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, shots, config,
-                      inverted=inverted)
+                      inversion=inversion)
 
 
 def test_unlearning_trains_on_the_stamped_shots_and_is_off_by_default(tiny_artifact, shots):
-    trigger = InvertedTrigger(0, torch.full((1, 1, 32, 32), 0.5), torch.zeros(1, 3, 32, 32))
+    inversion = _inversion(median_l1=1e6)
     paper, paper_history = _rvpt(tiny_artifact, shots)
-    ignored, _ = _rvpt(tiny_artifact, shots, inverted=trigger)  # weight 0: the trigger changes nothing
+    ignored, _ = _rvpt(tiny_artifact, shots, inversion=inversion, unlearn_refresh=1)  # weight 0: nothing changes
     assert torch.equal(paper.tokens, ignored.tokens)
-    assert all(epoch["unlearn"] == 0.0 for epoch in paper_history)
-    unlearned, history = _rvpt(tiny_artifact, shots, inverted=trigger, unlearn_weight=1.0)
+    assert all(epoch["unlearn"] == 0.0 and epoch["triggers"] == 0 for epoch in paper_history)
+    unlearned, history = _rvpt(tiny_artifact, shots, inversion=inversion, unlearn_weight=1.0)
     assert not torch.equal(unlearned.tokens, paper.tokens)
     assert history[-1]["unlearn"] < history[0]["unlearn"]
-    with pytest.raises(InputError, match="inverted trigger"):
+    assert all(epoch["triggers"] == 1 for epoch in history)  # no refresh: the first trigger only
+    with pytest.raises(InputError, match="trigger inversion"):
         _rvpt(tiny_artifact, shots, unlearn_weight=1.0)
+
+
+def test_refined_trigger_lowers_the_objective_through_the_prompts_only(tiny_artifact, shots):
+    encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
+    prompts = encoder.new_prompts(1, 4)
+    start = _inversion(median_l1=40.0).trigger
+    arguments = (encoder, prompts, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, shots, start)
+    refined, flip_rate = refine_trigger(*arguments, steps=20, mask_weight=0.01)
+    again, _ = refine_trigger(*arguments, steps=20, mask_weight=0.01)
+    assert torch.equal(refined.mask, again.mask) and torch.equal(refined.pattern, again.pattern)
+    assert refined.target == start.target and refined.mask.shape == start.mask.shape
+    assert 0 <= refined.mask.min() and refined.mask.max() <= 1 and 0.0 <= flip_rate <= 1.0
+    assert all(parameter.grad is None for parameter in prompts.parameters())  # the prompts are not trained
+
+    def objective(trigger):
+        others = shots.labels != trigger.target
+        images = tiny_artifact.preprocess.resize(shots.images[others])
+        with torch.no_grad():
+            embedding = encoder(tiny_artifact.preprocess.normalize(trigger(images)), prompts).embedding
+            logits = class_logits(embedding, F.normalize(tiny_artifact.text_features, dim=-1), 20.0)
+        return (F.cross_entropy(logits, torch.full((len(images),), trigger.target))
+                + 0.01 * trigger.mask.sum()).item()
+
+    assert objective(refined) < objective(start)
+    with pytest.raises(InputError, match="refinement steps"):
+        refine_trigger(*arguments, steps=0, mask_weight=0.01)
+
+
+@pytest.mark.parametrize("median_l1, triggers", [(1e6, [1, 2, 3]), (1e-3, [1, 1, 1])])
+def test_refresh_adds_a_trigger_until_the_mask_is_no_longer_anomalous(tiny_artifact, shots, median_l1,
+                                                                      triggers):
+    # epochs 1 and 2 refine the trigger; a refined mask above the median ends the refreshes
+    _, history = _rvpt(tiny_artifact, shots, inversion=_inversion(median_l1), unlearn_weight=1.0,
+                       unlearn_refresh=1, unlearn_refresh_steps=2)
+    assert [epoch["triggers"] for epoch in history] == triggers
+
+
+@pytest.mark.parametrize("overrides", [{"unlearn_refresh": -1}, {"unlearn_refresh_steps": 0}])
+def test_bad_refresh_settings_are_input_errors(tiny_artifact, shots, overrides):
+    with pytest.raises(InputError, match="unlearn_refresh"):
+        _rvpt(tiny_artifact, shots, inversion=_inversion(40.0), unlearn_weight=1.0, **overrides)
 
 
 def test_unlearning_is_refused_for_the_joint_schedule_before_anything_loads(tmp_path):
@@ -118,6 +173,7 @@ def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
 
     code = purify_cli.main(["--method", "vpt", "--model", str(tmp_path / "no-such-model"), "--data", "digits",
                             "--out", str(tmp_path / "out"), "--unlearn-weight", "1", "--unlearn-steps", "5",
-                            "--unlearn-mask-weight", "0.1"])
+                            "--unlearn-mask-weight", "0.1", "--unlearn-refresh", "2",
+                            "--unlearn-refresh-steps", "5"])
     error = capsys.readouterr().err
     assert code == 2 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model

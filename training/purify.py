@@ -20,8 +20,10 @@ Options of a method that is not run are errors.
 Extension, not in either paper (off by default): --unlearn-weight W > 0 with rvpt,
 vpt or rvpt+cbpt --schedule sequential first inverts a trigger for every class from
 the shots (training/inversion.py, Neural Cleanse) and adds W * CE on the shots
-stamped with the suspected target's trigger to RVPT's loss; the inversion's findings
-go to the JSON and the manifest's metrics (docs/reference-benchmark.md).
+stamped with the suspected target's trigger to RVPT's loss; --unlearn-refresh R
+re-inverts it through the prompts every R epochs and unlearns every trigger found
+until the target is no longer anomalously easy to reach. The inversion's findings go
+to the JSON and the manifest's metrics (docs/reference-benchmark.md).
 
 MODEL: anything `guard.models.load_clip` reads (open_clip local dir, checkpoint
 file, NAME:TAG). DATA: fashion-mnist, digits or an ImageFolder directory. Few-shot
@@ -177,10 +179,9 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
                                     rvpt_config.unlearn_steps, rvpt_config.unlearn_mask_weight, seed, progress)
         log.info("trigger inversion suspects %r (anomaly index %.2f)", train.classes[inversion.suspected],
                  inversion.anomaly_index[inversion.suspected])
-    inverted = None if inversion is None else inversion.trigger
     if method in ("rvpt", "vpt"):
         prompts, history = train_rvpt(encoder, text_features, logit_scale, preprocess, shot_set, rvpt_config,
-                                      progress, inverted)
+                                      progress, inversion)
         final_epoch = history[-1]
         recorded = rvpt_config.to_dict()
     elif uses_probe:  # the head is the class embeddings: PromptedCLIP computes the cosine probe
@@ -200,7 +201,7 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
             final_epoch, recorded = history[-1], {"cbpt": cbpt_config.to_dict()}
         elif schedule == "sequential":  # RVPT against the template embeddings, then CBPT on its prompted tower
             prompts, rvpt_history = train_rvpt(encoder, text_features, logit_scale, preprocess, shot_set,
-                                               rvpt_config, progress, inverted)
+                                               rvpt_config, progress, inversion)
             context, history = train_cbpt(*text_args, visual_prompts=prompts, progress=progress)
             final_epoch = {"rvpt": rvpt_history[-1], "cbpt": history[-1]}
         else:
@@ -258,6 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="steps of that trigger inversion (300)")
     group.add_argument("--unlearn-mask-weight", type=float,
                        help="L1 weight of the inverted mask (0.01)")
+    group.add_argument("--unlearn-refresh", type=int, help="re-invert the trigger through the prompts every this "
+                       "many epochs and unlearn every trigger found (0: never, the default)")
+    group.add_argument("--unlearn-refresh-steps", type=int, help="inversion steps per refresh (10)")
     text = parser.add_argument_group("CBPT hyperparameters (default: the paper's, see training/cbpt.py)")
     text.add_argument("--schedule", default="joint", choices=SCHEDULES,
                       help="rvpt+cbpt: both at once (joint, default) or RVPT then CBPT (sequential)")
@@ -300,7 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hyperparameters = {name: getattr(args, name) for name in
                        ("alpha", "margin", "num_tokens", "start_block", "epochs", "lr", "batch_size",
-                        "unlearn_weight", "unlearn_steps", "unlearn_mask_weight")}
+                        "unlearn_weight", "unlearn_steps", "unlearn_mask_weight", "unlearn_refresh",
+                        "unlearn_refresh_steps")}
     cbpt = {name: getattr(args, name) for name in
             ("num_context", "position", "positive", "rho", "inversion_steps", "inversion_lr", "trigger_weight",
              "adv_weight", "align_weight", "warmup_epochs")}

@@ -9,7 +9,14 @@ margin = -1 is full repulsion (the paper's default); alpha = 0 is plain VPT.
 Extension (off by default, not in the paper): with unlearn_weight > 0 the loss adds
 unlearn_weight * CE(prompted logits of the shots carrying a trigger inverted from the
 shots themselves, y), training.inversion's Neural-Cleanse-style stand-in for the
-unknown trigger; docs/reference-benchmark.md says why and what it measures.
+unknown trigger; docs/reference-benchmark.md says why and what it measures. With
+unlearn_refresh = R > 0 the trigger is re-inverted through the current prompts every R
+epochs (training.inversion.refine_trigger) and every trigger found so far is unlearned:
+once one way to the target is gone, the next cheapest is found and removed too. This
+stops when the refined mask is no longer anomalously small, i.e. its L1 norm exceeds the
+median over all classes of the first inversion: from there on the cheapest way to the
+target is as costly as the way to any class, and unlearning it would fight the clean
+features.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from guard.prompted import PromptedVisionEncoder, VisualPrompts
 
 from .configs import check_known
 from .data import ImageDataset
-from .inversion import InvertedTrigger
+from .inversion import Inversion, refine_trigger
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,8 @@ class RVPTConfig:
     unlearn_weight: float = 0.0  # 0: the paper's RVPT; > 0: also unlearn an inverted trigger
     unlearn_steps: int = 300  # steps of the trigger inversion
     unlearn_mask_weight: float = 0.01  # L1 weight of its mask
+    unlearn_refresh: int = 0  # re-invert the trigger through the prompts every this many epochs (0: never)
+    unlearn_refresh_steps: int = 10  # inversion steps per refresh
 
     @classmethod
     def for_encoder(cls, encoder: PromptedVisionEncoder, **overrides) -> "RVPTConfig":
@@ -76,13 +85,17 @@ def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor,
 
 def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logit_scale: float,
                preprocess: Preprocess, shots: ImageDataset, config: RVPTConfig,
-               progress: bool = False, inverted: Optional[InvertedTrigger] = None
+               progress: bool = False, inversion: Optional[Inversion] = None
                ) -> tuple[VisualPrompts, list[dict]]:
     """Learn the prompts on the few-shot set. Returns them and per-epoch mean losses.
     SGD with momentum and cosine decay; bf16 autocast on CUDA, fp32 on CPU.
-    `inverted` (training.inversion) is the trigger to unlearn when config.unlearn_weight > 0."""
-    if config.unlearn_weight and inverted is None:
-        raise InputError("unlearn_weight > 0 needs the inverted trigger (training.inversion.invert_triggers)")
+    `inversion` (training.inversion.invert_triggers) gives the trigger to unlearn when
+    config.unlearn_weight > 0."""
+    if config.unlearn_weight and inversion is None:
+        raise InputError("unlearn_weight > 0 needs the trigger inversion (training.inversion.invert_triggers)")
+    if config.unlearn_refresh < 0 or config.unlearn_refresh_steps < 1:
+        raise InputError(f"unlearn_refresh must be >= 0 and unlearn_refresh_steps >= 1, got "
+                         f"{config.unlearn_refresh}, {config.unlearn_refresh_steps}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = text_features.device
@@ -94,9 +107,21 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     encoder.eval()  # frozen CLIP: no dropout, fixed norms
     history = []
+    triggers = [inversion.trigger] if config.unlearn_weight else []  # every trigger unlearned so far
+    refreshing = bool(config.unlearn_weight and config.unlearn_refresh)
     for epoch in tqdm(range(config.epochs), desc="RVPT" if config.alpha else "VPT", disable=not progress):
+        if refreshing and epoch and epoch % config.unlearn_refresh == 0:
+            refined, flip_rate = refine_trigger(encoder, prompts, text_features, logit_scale, preprocess, shots,
+                                                triggers[-1], config.unlearn_refresh_steps,
+                                                config.unlearn_mask_weight)
+            mask_l1, median_l1 = refined.mask.sum().item(), inversion.median_mask_l1
+            refreshing = mask_l1 <= median_l1
+            if refreshing:
+                triggers.append(refined)
+            log.info("epoch %d: refined trigger, mask L1 %.1f (median %.1f), flips %.3f of the shots; %s", epoch,
+                     mask_l1, median_l1, flip_rate, f"{len(triggers)} triggers" if refreshing else "stop refining")
         order = torch.randperm(len(shots), generator=generator)
-        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0}
+        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0, "triggers": len(triggers)}
         for start in range(0, len(shots), config.batch_size):
             index = order[start:start + config.batch_size]
             resized = preprocess.resize(shots.images[index]).to(device)
@@ -111,9 +136,11 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
                 logits = logit_scale * F.normalize(prompted.embedding.float(), dim=-1) @ text.T
                 ce = F.cross_entropy(logits, labels)
                 unlearn = torch.zeros((), device=device)
-                if config.unlearn_weight:
-                    stamped = encoder(preprocess.normalize(inverted(resized)), prompts).embedding
-                    unlearn = F.cross_entropy(logit_scale * F.normalize(stamped.float(), dim=-1) @ text.T, labels)
+                if triggers:  # mean CE over the shots carrying each trigger, in one batch
+                    stamped = torch.cat([trigger(resized) for trigger in triggers])
+                    embedding = encoder(preprocess.normalize(stamped), prompts).embedding
+                    unlearn = F.cross_entropy(logit_scale * F.normalize(embedding.float(), dim=-1) @ text.T,
+                                              labels.repeat(len(triggers)))
                 loss = ce + config.alpha * fr + config.unlearn_weight * unlearn
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
