@@ -61,6 +61,11 @@ class RVPTConfig:
     unlearn_refresh: int = 0  # re-invert the trigger through the prompts every this many epochs (0: never)
     unlearn_refresh_steps: int = 10  # inversion steps per refresh
 
+    def __post_init__(self) -> None:  # checked here so that a bad value fails before the inversion runs
+        if self.unlearn_refresh < 0 or self.unlearn_refresh_steps < 1:
+            raise InputError(f"unlearn_refresh must be >= 0 and unlearn_refresh_steps >= 1, got "
+                             f"{self.unlearn_refresh}, {self.unlearn_refresh_steps}")
+
     @classmethod
     def for_encoder(cls, encoder: PromptedVisionEncoder, **overrides) -> "RVPTConfig":
         """The paper's defaults, scaled to the encoder: the last 9 blocks prompted (all
@@ -93,9 +98,6 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
     config.unlearn_weight > 0."""
     if config.unlearn_weight and inversion is None:
         raise InputError("unlearn_weight > 0 needs the trigger inversion (training.inversion.invert_triggers)")
-    if config.unlearn_refresh < 0 or config.unlearn_refresh_steps < 1:
-        raise InputError(f"unlearn_refresh must be >= 0 and unlearn_refresh_steps >= 1, got "
-                         f"{config.unlearn_refresh}, {config.unlearn_refresh_steps}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = text_features.device
