@@ -126,7 +126,11 @@ def test_refined_trigger_lowers_the_objective_through_the_prompts_only(tiny_arti
     arguments = (encoder, prompts, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, shots, start)
     refined, flip_rate = refine_trigger(*arguments, steps=20, mask_weight=0.01)
     again, _ = refine_trigger(*arguments, steps=20, mask_weight=0.01)
-    assert torch.equal(refined.mask, again.mask) and torch.equal(refined.pattern, again.pattern)
+    # reproducible up to the order of multithreaded CPU reductions; Adam's normalised steps can
+    # blow that up in the pattern where the mask is ~0, so compare what the trigger does
+    images = tiny_artifact.preprocess.resize(shots.images)
+    assert torch.allclose(refined(images), again(images), atol=1e-4)
+    assert torch.allclose(refined.mask, again.mask, atol=1e-5)
     assert refined.target == start.target and refined.mask.shape == start.mask.shape
     assert 0 <= refined.mask.min() and refined.mask.max() <= 1 and 0.0 <= flip_rate <= 1.0
     assert all(parameter.grad is None for parameter in prompts.parameters())  # the prompts are not trained
