@@ -87,6 +87,9 @@ def test_evaluate_cli_writes_the_documented_json(zoo, purified, tmp_path):
     result = json.loads(result_path.read_text())
     assert {"ca", "asr", "asr_all", "pr"} <= set(result)
     assert set(result["pr"]) == PR_NAMES
+    # Fashion-MNIST's test set has 1,000 images per class: CA is the mean of the per-class figures
+    assert len(result["ca_per_class"]) == 10 and "t-shirt" in result["ca_per_class"]
+    assert sum(result["ca_per_class"].values()) / 10 == pytest.approx(result["ca"], abs=1e-4)
     # evaluating the saved artifact reproduces what purify measured in memory
     assert result["ca"] == pytest.approx(metrics["after"]["ca"], abs=1e-6)
     assert result["asr"] == pytest.approx(metrics["after"]["asr"], abs=1e-6)

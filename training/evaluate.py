@@ -41,7 +41,9 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 class Evaluation:
     """ca, asr, asr_all in percent. asr counts triggered images whose true class is not
     the target (BackdoorBench); asr_all counts every triggered image (CleanCLIP, BadCLIP).
-    pr maps perturbation name -> PR (>0; higher means features move no more than decisions)."""
+    pr maps perturbation name -> PR (>0; higher means features move no more than decisions).
+    ca_per_class maps class name -> accuracy on that class's test images (percent): where a
+    defense loses its clean accuracy."""
     ca: float
     asr: Optional[float]
     asr_all: Optional[float]
@@ -50,6 +52,7 @@ class Evaluation:
     num_pr_images: int = 0
     target: Optional[int] = None
     target_name: Optional[str] = None
+    ca_per_class: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +100,10 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
     """CA on the whole set; ASR with the backdoor's trigger; PR on a seeded subset of
     `pr_images` images for every standard perturbation."""
     logits, _ = model_outputs(model, preprocess, dataset.images)
-    ca = 100.0 * (logits.argmax(1) == dataset.labels).float().mean().item()
+    correct = logits.argmax(1) == dataset.labels
+    ca = 100.0 * correct.float().mean().item()
+    ca_per_class = {name: 100.0 * correct[dataset.labels == index].float().mean().item()
+                    for index, name in enumerate(dataset.classes) if (dataset.labels == index).any()}
     asr = asr_all = None
     if backdoor is not None:
         triggered, _ = model_outputs(model, preprocess, dataset.images, backdoor.trigger)
@@ -113,7 +119,7 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
             pr[name] = perturbation_resistivity(clean, model_outputs(model, preprocess, images, perturb))
     return Evaluation(ca, asr, asr_all, pr, len(dataset), pr_count,
                       None if backdoor is None else backdoor.target,
-                      None if backdoor is None else backdoor.target_name)
+                      None if backdoor is None else backdoor.target_name, ca_per_class)
 
 
 def zero_shot_classifier(loaded, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
