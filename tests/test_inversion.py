@@ -164,12 +164,13 @@ def test_bad_refresh_settings_are_input_errors(tiny_artifact, shots, overrides):
         _rvpt(tiny_artifact, shots, inversion=_inversion(40.0), unlearn_weight=1.0, **overrides)
 
 
-def test_unlearning_is_refused_for_the_joint_schedule_before_anything_loads(tmp_path):
+@pytest.mark.parametrize("extension", ["unlearn_weight", "distill_weight"])
+def test_extensions_are_refused_for_the_joint_schedule_before_anything_loads(tmp_path, extension):
     from training.purify import purify
 
-    with pytest.raises(InputError, match="joint"):
+    with pytest.raises(InputError, match=f"{extension} is supported .* not the joint"):
         purify("no-such-model", "digits", tmp_path / "out", method="rvpt+cbpt", schedule="joint",
-               unlearn_weight=1.0)
+               **{extension: 1.0})
 
 
 def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
@@ -178,6 +179,6 @@ def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
     code = purify_cli.main(["--method", "vpt", "--model", str(tmp_path / "no-such-model"), "--data", "digits",
                             "--out", str(tmp_path / "out"), "--unlearn-weight", "1", "--unlearn-steps", "5",
                             "--unlearn-mask-weight", "0.1", "--unlearn-refresh", "2",
-                            "--unlearn-refresh-steps", "5"])
+                            "--unlearn-refresh-steps", "5", "--distill-weight", "4", "--distill-temperature", "2"])
     error = capsys.readouterr().err
     assert code == 2 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model

@@ -141,6 +141,7 @@ def test_parallel_runs_give_the_same_figures(zoo, tmp_path):
     (["--detection-images", "0"], "detection_images"),
     (["--adaptive-steps", "0"], "adaptive_steps"),
     (["--defenses", "none,rvpt+cbpt", "--set", "rvpt.unlearn_weight=1"], "joint schedule"),
+    (["--defenses", "none,rvpt+cbpt", "--set", "rvpt.distill_weight=1"], "rvpt.distill_weight does not apply"),
     (["--adaptive-weight", "-1"], "adaptive_weight"),
     (["--defenses", "none,cbpt", "--detection", "rvpt"], "detection on ['rvpt']"),
 ])

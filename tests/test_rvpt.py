@@ -4,9 +4,9 @@ import torch
 
 from guard._compat import import_open_clip
 from guard.errors import InputError
-from guard.prompted import PromptedVisionEncoder
+from guard.prompted import PromptedVisionEncoder, class_logits
 from training.data import ImageDataset
-from training.rvpt import RVPTConfig, feature_repelling_loss, train_rvpt
+from training.rvpt import RVPTConfig, distillation_loss, feature_repelling_loss, train_rvpt
 
 open_clip = import_open_clip()
 
@@ -65,3 +65,41 @@ def test_training_is_reproducible_and_alpha_zero_is_plain_vpt(tiny_artifact, few
     _, (vpt, history) = _train(tiny_artifact, few_shot_set, alpha=0.0)
     assert all(epoch["fr"] == 0.0 for epoch in history)
     assert not torch.equal(vpt.tokens, first.tokens)
+
+
+def test_distillation_loss_is_the_scaled_kl_from_teacher_to_student():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    student = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
+    p, q = torch.softmax(teacher / 2, dim=-1), torch.softmax(student / 2, dim=-1)
+    expected = 4 * (p * (p / q).log()).sum(-1).mean()
+    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert distillation_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def _distance_from_frozen(tiny_artifact, few_shot_set, encoder, prompts):
+    """KL(frozen || prompted) of the shots' class probabilities."""
+    images = tiny_artifact.preprocess.normalize(tiny_artifact.preprocess.resize(few_shot_set.images))
+    text = torch.nn.functional.normalize(tiny_artifact.text_features, dim=-1)
+    with torch.no_grad():
+        prompted, frozen = (class_logits(encoder(images, p).embedding, text, 20.0) for p in (prompts, None))
+    return distillation_loss(prompted, frozen, 1.0).item()
+
+
+def test_distillation_keeps_the_prompts_close_to_the_frozen_model(tiny_artifact, few_shot_set):
+    encoder, (plain, plain_history) = _train(tiny_artifact, few_shot_set, alpha=0.0)
+    assert all(epoch["distill"] == 0.0 for epoch in plain_history)  # off by default
+    _, (distilled, history) = _train(tiny_artifact, few_shot_set, alpha=0.0, distill_weight=10.0)
+    assert history[0]["distill"] > 0.0
+    assert _distance_from_frozen(tiny_artifact, few_shot_set, encoder, distilled) \
+        < _distance_from_frozen(tiny_artifact, few_shot_set, encoder, plain)
+    # with repulsion the frozen pass is shared with the FR loss: distillation still changes the result
+    _, (repelled, _) = _train(tiny_artifact, few_shot_set)
+    _, (repelled_distilled, _) = _train(tiny_artifact, few_shot_set, distill_weight=10.0)
+    assert not torch.equal(repelled.tokens, repelled_distilled.tokens)
+
+
+@pytest.mark.parametrize("overrides", [{"distill_weight": -1.0}, {"distill_temperature": 0.0},
+                                       {"distill_weight": float("nan")}])
+def test_bad_distillation_settings_are_input_errors(overrides):
+    with pytest.raises(InputError, match="distill"):
+        RVPTConfig(start_block=0, num_tokens=4, **overrides)

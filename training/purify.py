@@ -22,8 +22,10 @@ vpt or rvpt+cbpt --schedule sequential first inverts a trigger for every class f
 the shots (training/inversion.py, Neural Cleanse) and adds W * CE on the shots
 stamped with the suspected target's trigger to RVPT's loss; --unlearn-refresh R
 re-inverts it through the prompts every R epochs and unlearns every trigger found
-until the target is no longer anomalously easy to reach. The inversion's findings go
-to the JSON and the manifest's metrics (docs/reference-benchmark.md).
+until the target is no longer anomalously easy to reach; --distill-weight K adds K x
+distillation of the frozen model's predictions on the clean shots, which keeps clean
+accuracy. The inversion's findings go to the JSON and the manifest's metrics
+(docs/reference-benchmark.md).
 
 MODEL: anything `guard.models.load_clip` reads (open_clip local dir, checkpoint
 file, NAME:TAG). DATA: fashion-mnist, digits or an ImageFolder directory. Few-shot
@@ -57,7 +59,7 @@ from .cbpt import CBPTConfig, POSITIVE_CHOICES, purified_text_features, train_cb
 from .data import few_shot, load_dataset
 from .evaluate import Evaluation, evaluate, format_summary
 from .inversion import invert_triggers
-from .rvpt import RVPTConfig, train_rvpt
+from .rvpt import EXTENSION_SETTINGS, RVPTConfig, train_rvpt
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +128,10 @@ def purify(model: str, data: str, out: str | Path, *, method: str = "rvpt", shot
     if ft and not uses_ft:
         raise InputError(f"FT settings {sorted(ft)} were given but method {method!r} does not fine-tune; "
                          "use --method ft or cleanclip")
-    if method == "rvpt+cbpt" and schedule == "joint" and hyperparameters.get("unlearn_weight"):
-        raise InputError("unlearn_weight is supported for rvpt, vpt and rvpt+cbpt --schedule sequential, "
-                         "not the joint schedule")
+    extensions = [name for name in EXTENSION_SETTINGS if hyperparameters.get(name)]
+    if method == "rvpt+cbpt" and schedule == "joint" and extensions:
+        raise InputError(f"{', '.join(extensions)} is supported for rvpt, vpt and rvpt+cbpt --schedule "
+                         "sequential, not the joint schedule")
     if method == "vpt" and hyperparameters.get("alpha") not in (None, 0):
         raise InputError(f"vpt is RVPT with alpha 0, got alpha {hyperparameters['alpha']}; "
                          "use --method rvpt for a repelling weight")
@@ -262,6 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--unlearn-refresh", type=int, help="re-invert the trigger through the prompts every this "
                        "many epochs and unlearn every trigger found (0: never, the default)")
     group.add_argument("--unlearn-refresh-steps", type=int, help="inversion steps per refresh (10)")
+    group.add_argument("--distill-weight", type=float, help="extension, not in the paper: weight of distilling "
+                       "the frozen model's predictions on the clean shots (0: off)")
+    group.add_argument("--distill-temperature", type=float, help="temperature of that distillation (2)")
     text = parser.add_argument_group("CBPT hyperparameters (default: the paper's, see training/cbpt.py)")
     text.add_argument("--schedule", default="joint", choices=SCHEDULES,
                       help="rvpt+cbpt: both at once (joint, default) or RVPT then CBPT (sequential)")
@@ -305,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hyperparameters = {name: getattr(args, name) for name in
                        ("alpha", "margin", "num_tokens", "start_block", "epochs", "lr", "batch_size",
                         "unlearn_weight", "unlearn_steps", "unlearn_mask_weight", "unlearn_refresh",
-                        "unlearn_refresh_steps")}
+                        "unlearn_refresh_steps", "distill_weight", "distill_temperature")}
     cbpt = {name: getattr(args, name) for name in
             ("num_context", "position", "positive", "rho", "inversion_steps", "inversion_lr", "trigger_weight",
              "adv_weight", "align_weight", "warmup_epochs")}

@@ -52,7 +52,7 @@ from .detection import DEFAULT as DEFAULT_ALERT
 from .detection import run_detection
 from .evaluate import Evaluation
 from .purify import METHODS, purify
-from .rvpt import RVPTConfig
+from .rvpt import EXTENSION_SETTINGS, RVPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -559,9 +559,10 @@ def build_report(settings: ReportSettings, plan: ReportPlan, jobs: int = 1, forc
     """Run (or reuse) every run of the plan and write report.json, report.md and the plots."""
     if jobs < 1:
         raise InputError(f"jobs must be at least 1, got {jobs}")
-    if settings.stage("rvpt").get("unlearn_weight") and "rvpt+cbpt" in plan.defenses:
+    extensions = [f"rvpt.{name}" for name in EXTENSION_SETTINGS if settings.stage("rvpt").get(name)]
+    if extensions and "rvpt+cbpt" in plan.defenses:
         # refused before any run trains, not when the report reaches rvpt+cbpt
-        raise InputError("rvpt.unlearn_weight does not apply to rvpt+cbpt's joint schedule; "
+        raise InputError(f"{', '.join(extensions)} does not apply to rvpt+cbpt's joint schedule; "
                          "leave rvpt+cbpt out of --defenses")
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)

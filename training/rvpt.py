@@ -16,7 +16,11 @@ once one way to the target is gone, the next cheapest is found and removed too. 
 stops when the refined mask is no longer anomalously small, i.e. its L1 norm exceeds the
 median over all classes of the first inversion: from there on the cheapest way to the
 target is as costly as the way to any class, and unlearning it would fight the clean
-features.
+features. With distill_weight = K > 0 the loss also adds K * T^2 * KL(frozen || prompted)
+of the clean shots' class probabilities at temperature T (Hinton et al.'s distillation
+from the frozen model): its clean predictions carry more than the shots' labels, and
+unlearning without them costs clean accuracy, the target class most
+(docs/reference-benchmark.md).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from tqdm.auto import tqdm
 
 from guard.errors import InputError
 from guard.preprocess import Preprocess
-from guard.prompted import PromptedVisionEncoder, VisualPrompts
+from guard.prompted import PromptedVisionEncoder, VisualPrompts, class_logits
 
 from .configs import check_known
 from .data import ImageDataset
@@ -60,11 +64,16 @@ class RVPTConfig:
     unlearn_mask_weight: float = 0.01  # L1 weight of its mask
     unlearn_refresh: int = 0  # re-invert the trigger through the prompts every this many epochs (0: never)
     unlearn_refresh_steps: int = 10  # inversion steps per refresh
+    distill_weight: float = 0.0  # > 0: also distil the frozen model's predictions on the clean shots
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:  # checked here so that a bad value fails before the inversion runs
         if self.unlearn_refresh < 0 or self.unlearn_refresh_steps < 1:
             raise InputError(f"unlearn_refresh must be >= 0 and unlearn_refresh_steps >= 1, got "
                              f"{self.unlearn_refresh}, {self.unlearn_refresh_steps}")
+        if not self.distill_weight >= 0 or not self.distill_temperature > 0:
+            raise InputError(f"distill_weight must be >= 0 and distill_temperature > 0, got "
+                             f"{self.distill_weight}, {self.distill_temperature}")
 
     @classmethod
     def for_encoder(cls, encoder: PromptedVisionEncoder, **overrides) -> "RVPTConfig":
@@ -81,6 +90,18 @@ class RVPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Settings outside the paper that only train_rvpt implements (not the joint RVPT + CBPT loop).
+EXTENSION_SETTINGS = ("unlearn_weight", "distill_weight")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over the batch; the T^2
+    keeps the gradient's scale independent of T (Hinton et al. 2015)."""
+    return temperature ** 2 * F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                                       F.log_softmax(teacher_logits / temperature, dim=-1),
+                                       reduction="batchmean", log_target=True)
 
 
 def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor, margin: float) -> torch.Tensor:
@@ -123,32 +144,36 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
             log.info("epoch %d: refined trigger, mask L1 %.1f (median %.1f), flips %.3f of the shots; %s", epoch,
                      mask_l1, median_l1, flip_rate, f"{len(triggers)} triggers" if refreshing else "stop refining")
         order = torch.randperm(len(shots), generator=generator)
-        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0, "triggers": len(triggers)}
+        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0, "distill": 0.0, "triggers": len(triggers)}
         for start in range(0, len(shots), config.batch_size):
             index = order[start:start + config.batch_size]
             resized = preprocess.resize(shots.images[index]).to(device)
             images = preprocess.normalize(resized)
             labels = shots.labels[index].to(device)
             with autocast:
-                if config.alpha:
+                fr = distill = torch.zeros((), device=device)
+                if config.alpha or config.distill_weight:
                     prompted, frozen = encoder.forward_with_reference(images, prompts)
-                    fr = feature_repelling_loss(prompted.block_cls.float(), frozen.block_cls.float(), config.margin)
                 else:  # plain VPT needs no frozen reference pass
-                    prompted, fr = encoder(images, prompts), torch.zeros((), device=device)
-                logits = logit_scale * F.normalize(prompted.embedding.float(), dim=-1) @ text.T
+                    prompted = encoder(images, prompts)
+                if config.alpha:
+                    fr = feature_repelling_loss(prompted.block_cls.float(), frozen.block_cls.float(), config.margin)
+                logits = class_logits(prompted.embedding, text, logit_scale)
                 ce = F.cross_entropy(logits, labels)
+                if config.distill_weight:
+                    distill = distillation_loss(logits, class_logits(frozen.embedding, text, logit_scale),
+                                                config.distill_temperature)
                 unlearn = torch.zeros((), device=device)
                 if triggers:  # mean CE over the shots carrying each trigger, in one batch
                     stamped = torch.cat([trigger(resized) for trigger in triggers])
                     embedding = encoder(preprocess.normalize(stamped), prompts).embedding
-                    unlearn = F.cross_entropy(logit_scale * F.normalize(embedding.float(), dim=-1) @ text.T,
-                                              labels.repeat(len(triggers)))
-                loss = ce + config.alpha * fr + config.unlearn_weight * unlearn
+                    unlearn = F.cross_entropy(class_logits(embedding, text, logit_scale), labels.repeat(len(triggers)))
+                loss = ce + config.alpha * fr + config.unlearn_weight * unlearn + config.distill_weight * distill
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            for key, value in (("loss", loss), ("ce", ce), ("fr", fr), ("unlearn", unlearn)):
+            for key, value in (("loss", loss), ("ce", ce), ("fr", fr), ("unlearn", unlearn), ("distill", distill)):
                 totals[key] += value.item() / steps_per_epoch
         history.append(totals)
         log.debug("epoch %d: %s", epoch, totals)
