@@ -151,7 +151,7 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
             images = preprocess.normalize(resized)
             labels = shots.labels[index].to(device)
             with autocast:
-                fr = distill = torch.zeros((), device=device)
+                fr = distill = unlearn = torch.zeros((), device=device)
                 if config.alpha or config.distill_weight:
                     prompted, frozen = encoder.forward_with_reference(images, prompts)
                 else:  # plain VPT needs no frozen reference pass
@@ -163,7 +163,6 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
                 if config.distill_weight:
                     distill = distillation_loss(logits, class_logits(frozen.embedding, text, logit_scale),
                                                 config.distill_temperature)
-                unlearn = torch.zeros((), device=device)
                 if triggers:  # mean CE over the shots carrying each trigger, in one batch
                     stamped = torch.cat([trigger(resized) for trigger in triggers])
                     embedding = encoder(preprocess.normalize(stamped), prompts).embedding
