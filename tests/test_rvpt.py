@@ -92,7 +92,7 @@ def test_distillation_keeps_the_prompts_close_to_the_frozen_model(tiny_artifact,
     assert history[0]["distill"] > 0.0
     assert _distance_from_frozen(tiny_artifact, few_shot_set, encoder, distilled) \
         < _distance_from_frozen(tiny_artifact, few_shot_set, encoder, plain)
-    # with repulsion the frozen pass is shared with the FR loss: distillation still changes the result
+    # with repulsion on too, distillation changes the result
     _, (repelled, _) = _train(tiny_artifact, few_shot_set)
     _, (repelled_distilled, _) = _train(tiny_artifact, few_shot_set, distill_weight=10.0)
     assert not torch.equal(repelled.tokens, repelled_distilled.tokens)

@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 
 from guard.errors import InputError
 from guard.preprocess import Preprocess
-from guard.prompted import PromptedVisionEncoder, VisualPrompts, class_logits
+from guard.prompted import PromptedCLIP, PromptedVisionEncoder, VisualPrompts, class_logits
 
 from .configs import check_known
 from .data import ImageDataset
+from .evaluate import model_outputs
 from .inversion import Inversion, refine_trigger
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
     encoder.eval()  # frozen CLIP: no dropout, fixed norms
     history = []
     triggers = [inversion.trigger] if config.unlearn_weight else []  # every trigger unlearned so far
+    # the distillation targets, the frozen model's logits of the shots, never change: computed once
+    frozen_logits = (model_outputs(PromptedCLIP(encoder, text_features, logit_scale), preprocess, shots.images)[0]
+                     if config.distill_weight else None)
     refreshing = bool(config.unlearn_weight and config.unlearn_refresh)
     for epoch in tqdm(range(config.epochs), desc="RVPT" if config.alpha else "VPT", disable=not progress):
         if refreshing and epoch and epoch % config.unlearn_refresh == 0:
@@ -152,17 +156,15 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
             labels = shots.labels[index].to(device)
             with autocast:
                 fr = distill = unlearn = torch.zeros((), device=device)
-                if config.alpha or config.distill_weight:
+                if config.alpha:
                     prompted, frozen = encoder.forward_with_reference(images, prompts)
+                    fr = feature_repelling_loss(prompted.block_cls.float(), frozen.block_cls.float(), config.margin)
                 else:  # plain VPT needs no frozen reference pass
                     prompted = encoder(images, prompts)
-                if config.alpha:
-                    fr = feature_repelling_loss(prompted.block_cls.float(), frozen.block_cls.float(), config.margin)
                 logits = class_logits(prompted.embedding, text, logit_scale)
                 ce = F.cross_entropy(logits, labels)
-                if config.distill_weight:
-                    distill = distillation_loss(logits, class_logits(frozen.embedding, text, logit_scale),
-                                                config.distill_temperature)
+                if frozen_logits is not None:
+                    distill = distillation_loss(logits, frozen_logits[index].to(device), config.distill_temperature)
                 if triggers:  # mean CE over the shots carrying each trigger, in one batch
                     stamped = torch.cat([trigger(resized) for trigger in triggers])
                     embedding = encoder(preprocess.normalize(stamped), prompts).embedding
