@@ -9,7 +9,7 @@ from guard.errors import InputError
 from guard.prompted import PromptedVisionEncoder, class_logits
 from training.data import ImageDataset
 from training.inversion import Inversion, InvertedTrigger, anomaly_indices, invert_triggers, refine_trigger
-from training.rvpt import RVPTConfig, train_rvpt
+from training.rvpt import RVPTConfig, distillation_loss, train_rvpt
 
 from conftest import CLASSES
 
@@ -100,7 +100,7 @@ def _inversion(median_l1: float) -> Inversion:
 
 def _rvpt(tiny_artifact, shots, inversion=None, **overrides):
     encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
-    config = RVPTConfig(start_block=1, num_tokens=4, epochs=3, batch_size=8, lr=0.5, **overrides)
+    config = RVPTConfig(start_block=1, num_tokens=4, **{"epochs": 3, "batch_size": 8, "lr": 0.5, **overrides})
     return train_rvpt(encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess, shots, config,
                       inversion=inversion)
 
@@ -149,18 +149,43 @@ def test_refined_trigger_lowers_the_objective_through_the_prompts_only(tiny_arti
         refine_trigger(*arguments, steps=0, mask_weight=0.01)
 
 
-@pytest.mark.parametrize("median_l1, triggers", [(1e6, [1, 2, 3]), (1e-3, [1, 1, 1])])
-def test_refresh_adds_a_trigger_until_the_mask_is_no_longer_anomalous(tiny_artifact, shots, median_l1,
+@pytest.mark.parametrize("median_l1, stop, triggers", [(1e6, 1.0, [1, 2, 3]), (1e-3, 1.0, [1, 1, 1]),
+                                                      (4.0, 1.0, [1, 1, 1]), (4.0, 100.0, [1, 2, 3])])
+def test_refresh_adds_a_trigger_until_the_mask_is_no_longer_anomalous(tiny_artifact, shots, median_l1, stop,
                                                                       triggers):
-    # epochs 1 and 2 refine the trigger; a refined mask above the median ends the refreshes
+    # epochs 1 and 2 refine the trigger (the start mask's L1 is 8); a refined mask above
+    # stop x the median ends the refreshes
     _, history = _rvpt(tiny_artifact, shots, inversion=_inversion(median_l1), unlearn_weight=1.0,
-                       unlearn_refresh=1, unlearn_refresh_steps=2)
+                       unlearn_refresh=1, unlearn_refresh_steps=2, unlearn_refresh_stop=stop)
     assert [epoch["triggers"] for epoch in history] == triggers
 
 
-@pytest.mark.parametrize("overrides", [{"unlearn_refresh": -1}, {"unlearn_refresh_steps": 0}])
-def test_bad_refresh_settings_are_input_errors(tiny_artifact, shots, overrides):
-    with pytest.raises(InputError, match="unlearn_refresh"):
+@pytest.mark.parametrize("targets", ["labels", "frozen"])
+def test_unlearning_loss_is_ce_on_labels_or_kl_to_the_frozen_clean_predictions(tiny_artifact, shots, targets):
+    # lr 0 keeps the prompts at their start, so the first epoch's loss can be recomputed by hand
+    # over the whole set in one batch
+    inversion = _inversion(median_l1=1e6)
+    prompts, history = _rvpt(tiny_artifact, shots, inversion=inversion, unlearn_weight=1.0, lr=0.0, epochs=1,
+                             batch_size=len(shots), unlearn_targets=targets, distill_temperature=3.0)
+    encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
+    text = F.normalize(tiny_artifact.text_features, dim=-1)
+    resized = tiny_artifact.preprocess.resize(shots.images)
+    with torch.no_grad():
+        stamped = encoder(tiny_artifact.preprocess.normalize(inversion.trigger(resized)), prompts).embedding
+        clean = encoder(tiny_artifact.preprocess.normalize(resized)).embedding  # frozen: no prompts
+        stamped_logits, frozen_logits = class_logits(stamped, text, 20.0), class_logits(clean, text, 20.0)
+    expected = (F.cross_entropy(stamped_logits, shots.labels) if targets == "labels"
+                else distillation_loss(stamped_logits, frozen_logits, 3.0))
+    assert history[0]["unlearn"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, match", [({"unlearn_refresh": -1}, "unlearn_refresh"),
+                                              ({"unlearn_refresh_steps": 0}, "unlearn_refresh"),
+                                              ({"unlearn_refresh_stop": 0.0}, "unlearn_refresh_stop"),
+                                              ({"unlearn_refresh_stop": float("nan")}, "unlearn_refresh_stop"),
+                                              ({"unlearn_targets": "soft"}, "unlearn_targets must be one of")])
+def test_bad_refresh_settings_are_input_errors(tiny_artifact, shots, overrides, match):
+    with pytest.raises(InputError, match=match):
         _rvpt(tiny_artifact, shots, inversion=_inversion(40.0), unlearn_weight=1.0, **overrides)
 
 
@@ -179,6 +204,7 @@ def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
     code = purify_cli.main(["--method", "vpt", "--model", str(tmp_path / "no-such-model"), "--data", "digits",
                             "--out", str(tmp_path / "out"), "--unlearn-weight", "1", "--unlearn-steps", "5",
                             "--unlearn-mask-weight", "0.1", "--unlearn-refresh", "2",
-                            "--unlearn-refresh-steps", "5", "--distill-weight", "4", "--distill-temperature", "2"])
+                            "--unlearn-refresh-steps", "5", "--unlearn-refresh-stop", "0.7",
+                            "--unlearn-targets", "frozen", "--distill-weight", "4", "--distill-temperature", "2"])
     error = capsys.readouterr().err
     assert code == 2 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model

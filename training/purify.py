@@ -22,10 +22,11 @@ vpt or rvpt+cbpt --schedule sequential first inverts a trigger for every class f
 the shots (training/inversion.py, Neural Cleanse) and adds W * CE on the shots
 stamped with the suspected target's trigger to RVPT's loss; --unlearn-refresh R
 re-inverts it through the prompts every R epochs and unlearns every trigger found
-until the target is no longer anomalously easy to reach; --distill-weight K adds K x
-distillation of the frozen model's predictions on the clean shots, which keeps clean
-accuracy. The inversion's findings go to the JSON and the manifest's metrics
-(docs/reference-benchmark.md).
+until the target is no longer anomalously easy to reach (--unlearn-refresh-stop);
+--distill-weight K adds K x distillation of the frozen model's predictions on the clean
+shots, which keeps clean accuracy; --unlearn-targets frozen has the stamped shots learn
+those predictions too, instead of their labels. The inversion's findings go to the
+JSON and the manifest's metrics (docs/reference-benchmark.md).
 
 MODEL: anything `guard.models.load_clip` reads (open_clip local dir, checkpoint
 file, NAME:TAG). DATA: fashion-mnist, digits or an ImageFolder directory. Few-shot
@@ -59,7 +60,7 @@ from .cbpt import CBPTConfig, POSITIVE_CHOICES, purified_text_features, train_cb
 from .data import few_shot, load_dataset
 from .evaluate import Evaluation, evaluate, format_summary
 from .inversion import invert_triggers
-from .rvpt import EXTENSION_SETTINGS, RVPTConfig, train_rvpt
+from .rvpt import EXTENSION_SETTINGS, UNLEARN_TARGETS, RVPTConfig, train_rvpt
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--unlearn-refresh", type=int, help="re-invert the trigger through the prompts every this "
                        "many epochs and unlearn every trigger found (0: never, the default)")
     group.add_argument("--unlearn-refresh-steps", type=int, help="inversion steps per refresh (10)")
+    group.add_argument("--unlearn-refresh-stop", type=float, help="stop refreshing once the refined mask's L1 "
+                       "exceeds this x the median over all classes of the first inversion (1)")
+    group.add_argument("--unlearn-targets", choices=UNLEARN_TARGETS, help="what the stamped shots learn: their "
+                       "labels (the default) or the frozen model's predictions on the clean shots")
     group.add_argument("--distill-weight", type=float, help="extension, not in the paper: weight of distilling "
                        "the frozen model's predictions on the clean shots (0: off)")
     group.add_argument("--distill-temperature", type=float, help="temperature of that distillation (2)")
@@ -311,7 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hyperparameters = {name: getattr(args, name) for name in
                        ("alpha", "margin", "num_tokens", "start_block", "epochs", "lr", "batch_size",
                         "unlearn_weight", "unlearn_steps", "unlearn_mask_weight", "unlearn_refresh",
-                        "unlearn_refresh_steps", "distill_weight", "distill_temperature")}
+                        "unlearn_refresh_steps", "unlearn_refresh_stop", "unlearn_targets", "distill_weight",
+                        "distill_temperature")}
     cbpt = {name: getattr(args, name) for name in
             ("num_context", "position", "positive", "rho", "inversion_steps", "inversion_lr", "trigger_weight",
              "adv_weight", "align_weight", "warmup_epochs")}

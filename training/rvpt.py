@@ -13,10 +13,13 @@ unknown trigger; docs/reference-benchmark.md says why and what it measures. With
 unlearn_refresh = R > 0 the trigger is re-inverted through the current prompts every R
 epochs (training.inversion.refine_trigger) and every trigger found so far is unlearned:
 once one way to the target is gone, the next cheapest is found and removed too. This
-stops when the refined mask is no longer anomalously small, i.e. its L1 norm exceeds the
-median over all classes of the first inversion: from there on the cheapest way to the
-target is as costly as the way to any class, and unlearning it would fight the clean
-features. With distill_weight = K > 0 the loss also adds K * T^2 * KL(frozen || prompted)
+stops when the refined mask is no longer anomalously small, i.e. its L1 norm exceeds
+unlearn_refresh_stop (1) x the median over all classes of the first inversion: from
+there on the cheapest way to the target is as costly as the way to any class, and
+unlearning it would fight the clean features. With unlearn_targets = "frozen" the
+stamped shots learn the frozen model's predictions on the same shots without the
+trigger (T^2 KL at distill_temperature) instead of their labels: what a purified model
+should say of a stamped image is what the frozen one says of the clean image. With distill_weight = K > 0 the loss also adds K * T^2 * KL(frozen || prompted)
 of the clean shots' class probabilities at temperature T (Hinton et al.'s distillation
 from the frozen model): its clean predictions carry more than the shots' labels, and
 unlearning without them costs clean accuracy, the target class most
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 # The paper's ViT-B/32 setting: the last 9 of 12 blocks prompted, 50 prompt tokens
 # per block (for 49 image patches).
 PAPER_PROMPTED_BLOCKS, PAPER_TOKENS, PAPER_PATCHES = 9, 50, 49
+UNLEARN_TARGETS = ("labels", "frozen")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class RVPTConfig:
     unlearn_mask_weight: float = 0.01  # L1 weight of its mask
     unlearn_refresh: int = 0  # re-invert the trigger through the prompts every this many epochs (0: never)
     unlearn_refresh_steps: int = 10  # inversion steps per refresh
+    unlearn_refresh_stop: float = 1.0  # stop refreshing once the mask's L1 exceeds this x the median of all classes
+    unlearn_targets: str = "labels"  # what the stamped shots learn: their labels, or the frozen model's clean predictions
     distill_weight: float = 0.0  # > 0: also distil the frozen model's predictions on the clean shots
     distill_temperature: float = 2.0
 
@@ -72,6 +78,10 @@ class RVPTConfig:
         if self.unlearn_refresh < 0 or self.unlearn_refresh_steps < 1:
             raise InputError(f"unlearn_refresh must be >= 0 and unlearn_refresh_steps >= 1, got "
                              f"{self.unlearn_refresh}, {self.unlearn_refresh_steps}")
+        if not self.unlearn_refresh_stop > 0:
+            raise InputError(f"unlearn_refresh_stop must be > 0, got {self.unlearn_refresh_stop}")
+        if self.unlearn_targets not in UNLEARN_TARGETS:
+            raise InputError(f"unlearn_targets must be one of {', '.join(UNLEARN_TARGETS)}, got {self.unlearn_targets!r}")
         if not self.distill_weight >= 0 or not self.distill_temperature > 0:
             raise InputError(f"distill_weight must be >= 0 and distill_temperature > 0, got "
                              f"{self.distill_weight}, {self.distill_temperature}")
@@ -132,9 +142,10 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
     encoder.eval()  # frozen CLIP: no dropout, fixed norms
     history = []
     triggers = [inversion.trigger] if config.unlearn_weight else []  # every trigger unlearned so far
-    # the distillation targets, the frozen model's logits of the shots, never change: computed once
+    # the distillation targets, the frozen model's logits of the clean shots, never change: computed once
+    unlearn_frozen = bool(triggers) and config.unlearn_targets == "frozen"
     frozen_logits = (model_outputs(PromptedCLIP(encoder, text_features, logit_scale), preprocess, shots.images)[0]
-                     if config.distill_weight else None)
+                     if config.distill_weight or unlearn_frozen else None)
     refreshing = bool(config.unlearn_weight and config.unlearn_refresh)
     for epoch in tqdm(range(config.epochs), desc="RVPT" if config.alpha else "VPT", disable=not progress):
         if refreshing and epoch and epoch % config.unlearn_refresh == 0:
@@ -142,7 +153,7 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
                                                 triggers[-1], config.unlearn_refresh_steps,
                                                 config.unlearn_mask_weight)
             mask_l1, median_l1 = refined.mask.sum().item(), inversion.median_mask_l1
-            refreshing = mask_l1 <= median_l1
+            refreshing = mask_l1 <= config.unlearn_refresh_stop * median_l1
             if refreshing:
                 triggers.append(refined)
             log.info("epoch %d: refined trigger, mask L1 %.1f (median %.1f), flips %.3f of the shots; %s", epoch,
@@ -163,12 +174,18 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
                     prompted = encoder(images, prompts)
                 logits = class_logits(prompted.embedding, text, logit_scale)
                 ce = F.cross_entropy(logits, labels)
-                if frozen_logits is not None:
-                    distill = distillation_loss(logits, frozen_logits[index].to(device), config.distill_temperature)
-                if triggers:  # mean CE over the shots carrying each trigger, in one batch
+                teacher = frozen_logits[index].to(device) if frozen_logits is not None else None
+                if config.distill_weight:
+                    distill = distillation_loss(logits, teacher, config.distill_temperature)
+                if triggers:  # the shots carrying each trigger, in one batch
                     stamped = torch.cat([trigger(resized) for trigger in triggers])
                     embedding = encoder(preprocess.normalize(stamped), prompts).embedding
-                    unlearn = F.cross_entropy(class_logits(embedding, text, logit_scale), labels.repeat(len(triggers)))
+                    stamped_logits = class_logits(embedding, text, logit_scale)
+                    if unlearn_frozen:  # a stamped shot should look like the clean shot to the frozen model
+                        unlearn = distillation_loss(stamped_logits, teacher.repeat(len(triggers), 1),
+                                                    config.distill_temperature)
+                    else:
+                        unlearn = F.cross_entropy(stamped_logits, labels.repeat(len(triggers)))
                 loss = ce + config.alpha * fr + config.unlearn_weight * unlearn + config.distill_weight * distill
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
