@@ -152,12 +152,12 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
             refined, flip_rate = refine_trigger(encoder, prompts, text_features, logit_scale, preprocess, shots,
                                                 triggers[-1], config.unlearn_refresh_steps,
                                                 config.unlearn_mask_weight)
-            mask_l1, median_l1 = refined.mask.sum().item(), inversion.median_mask_l1
-            refreshing = mask_l1 <= config.unlearn_refresh_stop * median_l1
+            mask_l1, limit = refined.mask.sum().item(), config.unlearn_refresh_stop * inversion.median_mask_l1
+            refreshing = mask_l1 <= limit
             if refreshing:
                 triggers.append(refined)
-            log.info("epoch %d: refined trigger, mask L1 %.1f (median %.1f), flips %.3f of the shots; %s", epoch,
-                     mask_l1, median_l1, flip_rate, f"{len(triggers)} triggers" if refreshing else "stop refining")
+            log.info("epoch %d: refined trigger, mask L1 %.1f (limit %.1f), flips %.3f of the shots; %s", epoch,
+                     mask_l1, limit, flip_rate, f"{len(triggers)} triggers" if refreshing else "stop refining")
         order = torch.randperm(len(shots), generator=generator)
         totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0, "distill": 0.0, "triggers": len(triggers)}
         for start in range(0, len(shots), config.batch_size):
