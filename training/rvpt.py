@@ -19,8 +19,9 @@ there on the cheapest way to the target is as costly as the way to any class, an
 unlearning it would fight the clean features. With unlearn_targets = "frozen" the
 stamped shots learn the frozen model's predictions on the same shots without the
 trigger (T^2 KL at distill_temperature) instead of their labels: what a purified model
-should say of a stamped image is what the frozen one says of the clean image. With distill_weight = K > 0 the loss also adds K * T^2 * KL(frozen || prompted)
-of the clean shots' class probabilities at temperature T (Hinton et al.'s distillation
+should say of a stamped image is what the frozen one says of the clean image. With
+distill_weight = K > 0 the loss also adds K * T^2 * KL(frozen || prompted) of the clean
+shots' class probabilities at temperature T (Hinton et al.'s distillation
 from the frozen model): its clean predictions carry more than the shots' labels, and
 unlearning without them costs clean accuracy, the target class most
 (docs/reference-benchmark.md).
@@ -70,7 +71,7 @@ class RVPTConfig:
     unlearn_refresh: int = 0  # re-invert the trigger through the prompts every this many epochs (0: never)
     unlearn_refresh_steps: int = 10  # inversion steps per refresh
     unlearn_refresh_stop: float = 1.0  # stop refreshing once the mask's L1 exceeds this x the median of all classes
-    unlearn_targets: str = "labels"  # what the stamped shots learn: their labels, or the frozen model's clean predictions
+    unlearn_targets: str = "labels"  # what stamped shots learn: labels, or the frozen model's clean predictions
     distill_weight: float = 0.0  # > 0: also distil the frozen model's predictions on the clean shots
     distill_temperature: float = 2.0
 
@@ -81,7 +82,8 @@ class RVPTConfig:
         if not self.unlearn_refresh_stop > 0:
             raise InputError(f"unlearn_refresh_stop must be > 0, got {self.unlearn_refresh_stop}")
         if self.unlearn_targets not in UNLEARN_TARGETS:
-            raise InputError(f"unlearn_targets must be one of {', '.join(UNLEARN_TARGETS)}, got {self.unlearn_targets!r}")
+            raise InputError(f"unlearn_targets must be one of {', '.join(UNLEARN_TARGETS)}, "
+                             f"got {self.unlearn_targets!r}")
         if not self.distill_weight >= 0 or not self.distill_temperature > 0:
             raise InputError(f"distill_weight must be >= 0 and distill_temperature > 0, got "
                              f"{self.distill_weight}, {self.distill_temperature}")
@@ -181,7 +183,7 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
                     stamped = torch.cat([trigger(resized) for trigger in triggers])
                     embedding = encoder(preprocess.normalize(stamped), prompts).embedding
                     stamped_logits = class_logits(embedding, text, logit_scale)
-                    if unlearn_frozen:  # a stamped shot should look like the clean shot to the frozen model
+                    if unlearn_frozen:  # say of the stamped shot what the frozen model says of the clean one
                         unlearn = distillation_loss(stamped_logits, teacher.repeat(len(triggers), 1),
                                                     config.distill_temperature)
                     else:
