@@ -189,7 +189,7 @@ def test_bad_refresh_settings_are_input_errors(tiny_artifact, shots, overrides, 
         _rvpt(tiny_artifact, shots, inversion=_inversion(40.0), unlearn_weight=1.0, **overrides)
 
 
-@pytest.mark.parametrize("extension", ["unlearn_weight", "distill_weight"])
+@pytest.mark.parametrize("extension", ["unlearn_weight", "distill_weight", "distill_mixup"])
 def test_extensions_are_refused_for_the_joint_schedule_before_anything_loads(tmp_path, extension):
     from training.purify import purify
 
@@ -205,6 +205,7 @@ def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
                             "--out", str(tmp_path / "out"), "--unlearn-weight", "1", "--unlearn-steps", "5",
                             "--unlearn-mask-weight", "0.1", "--unlearn-refresh", "2",
                             "--unlearn-refresh-steps", "5", "--unlearn-refresh-stop", "0.7",
-                            "--unlearn-targets", "frozen", "--distill-weight", "4", "--distill-temperature", "2"])
+                            "--unlearn-targets", "frozen", "--distill-weight", "4", "--distill-temperature", "2",
+                            "--distill-mixup", "8"])
     error = capsys.readouterr().err
     assert code == 2 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model

@@ -6,7 +6,7 @@ from guard._compat import import_open_clip
 from guard.errors import InputError
 from guard.prompted import PromptedVisionEncoder, class_logits
 from training.data import ImageDataset
-from training.rvpt import RVPTConfig, distillation_loss, feature_repelling_loss, train_rvpt
+from training.rvpt import RVPTConfig, distillation_loss, feature_repelling_loss, mix_pairs, train_rvpt
 
 open_clip = import_open_clip()
 
@@ -44,7 +44,7 @@ def few_shot_set():
 
 def _train(tiny_artifact, few_shot_set, **overrides):
     encoder = PromptedVisionEncoder(tiny_artifact.clip.visual)
-    config = RVPTConfig(start_block=1, num_tokens=4, epochs=6, batch_size=4, lr=0.5, **overrides)
+    config = RVPTConfig(start_block=1, num_tokens=4, **{"epochs": 6, "batch_size": 4, "lr": 0.5, **overrides})
     return encoder, train_rvpt(encoder, tiny_artifact.text_features, 20.0, tiny_artifact.preprocess,
                                few_shot_set, config)
 
@@ -98,8 +98,37 @@ def test_distillation_keeps_the_prompts_close_to_the_frozen_model(tiny_artifact,
     assert not torch.equal(repelled.tokens, repelled_distilled.tokens)
 
 
+def test_mix_pairs_blends_every_image_with_one_partner_of_the_batch():
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2)  # image i is all i
+    mixed = mix_pairs(images, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    partner, weight = torch.randperm(5, generator=generator), torch.rand(5, generator=generator)
+    assert torch.allclose(mixed[:, 0, 0, 0], weight * torch.arange(5.0) + (1 - weight) * partner)
+    assert torch.equal(mixed, mixed[:, :1].expand_as(mixed))  # one weight per image, all pixels alike
+    assert torch.equal(mixed, mix_pairs(images, torch.Generator().manual_seed(3)))
+
+
+def test_mixup_distillation_is_the_kl_to_the_frozen_model_on_the_mixed_shots(tiny_artifact, few_shot_set):
+    # lr 0 keeps the prompts at their start: the first epoch's loss, one batch of all shots, by hand
+    encoder, (prompts, history) = _train(tiny_artifact, few_shot_set, alpha=0.0, lr=0.0, epochs=1,
+                                         batch_size=len(few_shot_set), distill_mixup=2.0, distill_temperature=3.0)
+    generator = torch.Generator().manual_seed(0)  # the config's seed: batch order, then the mixing
+    order = torch.randperm(len(few_shot_set), generator=generator)
+    mixed = mix_pairs(tiny_artifact.preprocess.resize(few_shot_set.images[order]), generator)
+    images = tiny_artifact.preprocess.normalize(mixed)
+    text = torch.nn.functional.normalize(tiny_artifact.text_features, dim=-1)
+    with torch.no_grad():
+        student, teacher = (class_logits(encoder(images, p).embedding, text, 20.0) for p in (prompts, None))
+    assert history[0]["mixup"] == pytest.approx(distillation_loss(student, teacher, 3.0).item(), rel=1e-4)
+    assert history[0]["mixup"] > 0.0
+    assert history[0]["loss"] == pytest.approx(history[0]["ce"] + 2.0 * history[0]["mixup"], rel=1e-5)
+    _, (_, plain) = _train(tiny_artifact, few_shot_set, alpha=0.0, epochs=1)
+    assert plain[0]["mixup"] == 0.0  # off by default
+
+
 @pytest.mark.parametrize("overrides", [{"distill_weight": -1.0}, {"distill_temperature": 0.0},
-                                       {"distill_weight": float("nan")}])
+                                       {"distill_weight": float("nan")}, {"distill_mixup": -1.0},
+                                       {"distill_mixup": float("nan")}])
 def test_bad_distillation_settings_are_input_errors(overrides):
     with pytest.raises(InputError, match="distill"):
         RVPTConfig(start_block=0, num_tokens=4, **overrides)

@@ -24,8 +24,9 @@ stamped with the suspected target's trigger to RVPT's loss; --unlearn-refresh R
 re-inverts it through the prompts every R epochs and unlearns every trigger found
 until the target is no longer anomalously easy to reach (--unlearn-refresh-stop);
 --distill-weight K adds K x distillation of the frozen model's predictions on the clean
-shots, which keeps clean accuracy; --unlearn-targets frozen has the stamped shots learn
-those predictions too, instead of their labels. The inversion's findings go to the
+shots, which keeps clean accuracy, and --distill-mixup M the same on mixed pairs of
+clean shots; --unlearn-targets frozen has the stamped shots learn the frozen model's
+predictions too, instead of their labels. The inversion's findings go to the
 JSON and the manifest's metrics (docs/reference-benchmark.md).
 
 MODEL: anything `guard.models.load_clip` reads (open_clip local dir, checkpoint
@@ -273,6 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--distill-weight", type=float, help="extension, not in the paper: weight of distilling "
                        "the frozen model's predictions on the clean shots (0: off)")
     group.add_argument("--distill-temperature", type=float, help="temperature of that distillation (2)")
+    group.add_argument("--distill-mixup", type=float, help="extension, not in the paper: weight of distilling "
+                       "the frozen model's predictions on mixed pairs of clean shots (0: off)")
     text = parser.add_argument_group("CBPT hyperparameters (default: the paper's, see training/cbpt.py)")
     text.add_argument("--schedule", default="joint", choices=SCHEDULES,
                       help="rvpt+cbpt: both at once (joint, default) or RVPT then CBPT (sequential)")
@@ -317,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        ("alpha", "margin", "num_tokens", "start_block", "epochs", "lr", "batch_size",
                         "unlearn_weight", "unlearn_steps", "unlearn_mask_weight", "unlearn_refresh",
                         "unlearn_refresh_steps", "unlearn_refresh_stop", "unlearn_targets", "distill_weight",
-                        "distill_temperature")}
+                        "distill_temperature", "distill_mixup")}
     cbpt = {name: getattr(args, name) for name in
             ("num_context", "position", "positive", "rho", "inversion_steps", "inversion_lr", "trigger_weight",
              "adv_weight", "align_weight", "warmup_epochs")}

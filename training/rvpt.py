@@ -24,7 +24,12 @@ distill_weight = K > 0 the loss also adds K * T^2 * KL(frozen || prompted) of th
 shots' class probabilities at temperature T (Hinton et al.'s distillation
 from the frozen model): its clean predictions carry more than the shots' labels, and
 unlearning without them costs clean accuracy, the target class most
-(docs/reference-benchmark.md).
+(docs/reference-benchmark.md). With distill_mixup = M > 0 it also distils the frozen
+model's predictions on mixed pairs of clean shots (mixup, each shot blended with another
+of its batch at a uniform random weight; the teacher runs on the same mixed image):
+160 shots pin the prompted model to the frozen one at 160 points only, the mixtures
+pin it between them (Beyer et al. 2022, "Knowledge distillation: a good teacher is
+patient and consistent").
 """
 from __future__ import annotations
 
@@ -74,6 +79,7 @@ class RVPTConfig:
     unlearn_targets: str = "labels"  # what stamped shots learn: labels, or the frozen model's clean predictions
     distill_weight: float = 0.0  # > 0: also distil the frozen model's predictions on the clean shots
     distill_temperature: float = 2.0
+    distill_mixup: float = 0.0  # > 0: also distil the frozen model's predictions on mixed pairs of clean shots
 
     def __post_init__(self) -> None:  # checked here so that a bad value fails before the inversion runs
         if self.unlearn_refresh < 0 or self.unlearn_refresh_steps < 1:
@@ -87,6 +93,8 @@ class RVPTConfig:
         if not self.distill_weight >= 0 or not self.distill_temperature > 0:
             raise InputError(f"distill_weight must be >= 0 and distill_temperature > 0, got "
                              f"{self.distill_weight}, {self.distill_temperature}")
+        if not self.distill_mixup >= 0:
+            raise InputError(f"distill_mixup must be >= 0, got {self.distill_mixup}")
 
     @classmethod
     def for_encoder(cls, encoder: PromptedVisionEncoder, **overrides) -> "RVPTConfig":
@@ -106,7 +114,7 @@ class RVPTConfig:
 
 
 # Settings outside the paper that only train_rvpt implements (not the joint RVPT + CBPT loop).
-EXTENSION_SETTINGS = ("unlearn_weight", "distill_weight")
+EXTENSION_SETTINGS = ("unlearn_weight", "distill_weight", "distill_mixup")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -115,6 +123,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return temperature ** 2 * F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
                                        F.log_softmax(teacher_logits / temperature, dim=-1),
                                        reduction="batchmean", log_target=True)
+
+
+def mix_pairs(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image blended with another image of the batch at a uniform random weight
+    (mixup, Zhang et al. 2018); the partner order and weights come from `generator`."""
+    partner = torch.randperm(len(images), generator=generator).to(images.device)
+    weight = torch.rand(len(images), 1, 1, 1, generator=generator).to(images.device)
+    return weight * images + (1 - weight) * images[partner]
 
 
 def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor, margin: float) -> torch.Tensor:
@@ -161,14 +177,15 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
             log.info("epoch %d: refined trigger, mask L1 %.1f (limit %.1f), flips %.3f of the shots; %s", epoch,
                      mask_l1, limit, flip_rate, f"{len(triggers)} triggers" if refreshing else "stop refining")
         order = torch.randperm(len(shots), generator=generator)
-        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0, "distill": 0.0, "triggers": len(triggers)}
+        totals = {"loss": 0.0, "ce": 0.0, "fr": 0.0, "unlearn": 0.0, "distill": 0.0, "mixup": 0.0,
+                  "triggers": len(triggers)}
         for start in range(0, len(shots), config.batch_size):
             index = order[start:start + config.batch_size]
             resized = preprocess.resize(shots.images[index]).to(device)
             images = preprocess.normalize(resized)
             labels = shots.labels[index].to(device)
             with autocast:
-                fr = distill = unlearn = torch.zeros((), device=device)
+                fr = distill = unlearn = mixup = torch.zeros((), device=device)
                 if config.alpha:
                     prompted, frozen = encoder.forward_with_reference(images, prompts)
                     fr = feature_repelling_loss(prompted.block_cls.float(), frozen.block_cls.float(), config.margin)
@@ -188,12 +205,20 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
                                                     config.distill_temperature)
                     else:
                         unlearn = F.cross_entropy(stamped_logits, labels.repeat(len(triggers)))
-                loss = ce + config.alpha * fr + config.unlearn_weight * unlearn + config.distill_weight * distill
+                if config.distill_mixup:
+                    mixed = preprocess.normalize(mix_pairs(resized, generator))
+                    with torch.no_grad():  # the teacher sees the same mixed image
+                        mixed_teacher = class_logits(encoder(mixed).embedding, text, logit_scale)
+                    mixed_logits = class_logits(encoder(mixed, prompts).embedding, text, logit_scale)
+                    mixup = distillation_loss(mixed_logits, mixed_teacher, config.distill_temperature)
+                loss = (ce + config.alpha * fr + config.unlearn_weight * unlearn + config.distill_weight * distill
+                        + config.distill_mixup * mixup)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            for key, value in (("loss", loss), ("ce", ce), ("fr", fr), ("unlearn", unlearn), ("distill", distill)):
+            for key, value in (("loss", loss), ("ce", ce), ("fr", fr), ("unlearn", unlearn), ("distill", distill),
+                               ("mixup", mixup)):
                 totals[key] += value.item() / steps_per_epoch
         history.append(totals)
         log.debug("epoch %d: %s", epoch, totals)
