@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from guard.alerts import (PERTURBATIONS, STATISTICS, AlertConfig, alert_scores, alerts, calibrate_threshold,
                           expand_batch, median_filter, opening)
 from guard.errors import InputError
+from guard.prompted import PromptedCLIP
 from training import detection
 from training.attacks import SIG, Backdoor, BadNet, Blended, WaNet, save_trigger
 from training.evaluate import load_classifier
@@ -228,10 +229,42 @@ def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
     assert result["strip"]["strip-2"]["passes"] == 3
     (adaptive,) = result["adaptive"]
     assert adaptive["alert"] == "pr_terms[open3,median3]" and 0.0 <= adaptive["evade@1"] <= 1.0
+    assert set(result["frozen_tower"]) == {"disagreement", "pr_terms[open3,median3]+frozen tower"}
+    assert result["frozen_tower"]["disagreement"]["passes"] == 2
+    assert result["frozen_tower"]["pr_terms[open3,median3]+frozen tower"]["passes"] == 4
     table = detection.format_table(result)
-    assert "(default)" in table and "strip-2" in table and "adaptive vs" in table
+    assert "(default)" in table and "strip-2" in table and "adaptive vs" in table and "frozen tower" in table
     json.dumps(result)
     assert detection.plot_scores(result, tmp_path / "scores.png").stat().st_size > 0
+
+
+def test_frozen_tower_signal_is_the_default_statistic_with_the_frozen_tower_as_one_more_view(tiny_artifact):
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(12) % len(CLASSES)
+    backdoor = Backdoor(BadNet(32, seed=0), 0, CLASSES[0])
+    result = detection.evaluate_detection(model, preprocess, images, labels, backdoor, (detection.DEFAULT,),
+                                          strip_counts=())
+    # by hand, on the clean images: the prompted model on x, open(x), median(x), and the tower with no prompts on x
+    frozen = PromptedCLIP(model.encoder, model.text_features, model.logit_scale)
+    resized = preprocess.resize(images)
+    with torch.no_grad():
+        logits, embedding = model(preprocess.normalize(expand_batch(resized, detection.DEFAULT)))
+        tower_logits, tower_embedding = frozen(preprocess.normalize(resized))
+    n = len(images)
+    views_h = [embedding[n:2 * n], embedding[2 * n:], tower_embedding]
+    views_z = [logits[n:2 * n], logits[2 * n:], tower_logits]
+    ch = torch.stack([F.cosine_similarity(embedding[:n], h, dim=-1) for h in views_h])
+    cz = torch.stack([F.cosine_similarity(logits[:n], z, dim=-1) for z in views_z])
+    clean_combined, _ = result["scores"]["pr_terms[open3,median3]+frozen tower"]
+    assert torch.allclose(torch.tensor(clean_combined), (1 - ch.mean(0)) + (1 - cz.mean(0)), atol=1e-5)
+    clean_disagreement, _ = result["scores"]["disagreement"]
+    assert torch.allclose(torch.tensor(clean_disagreement), (1 - ch[2]) + (1 - cz[2]), atol=1e-5)
+    assert min(clean_disagreement) > 1e-4  # the prompts do move this model
+    # no prompts, nothing to disagree with: the section stays empty
+    unprompted = detection.evaluate_detection(frozen, preprocess, images, labels, backdoor, (detection.DEFAULT,),
+                                              strip_counts=())
+    assert unprompted["frozen_tower"] == {}
 
 
 def _adaptive_objective(model, preprocess, trigger, images, target, weight):

@@ -16,6 +16,10 @@ images for cross-entropy towards the target plus `weight` x the mean alert score
 the alert's own perturbations (they are deterministic, so the expectation over the
 family is this mean). "evade" is the fraction of triggered non-target images that reach
 the target and are not flagged at 1 % FPR.
+
+A purified artifact also gets a second signal, measured here and not yet served by
+guard: how far its outputs are from those of the frozen tower it was purified from
+(`frozen_tower_scores`), alone and added to the default alert as one more view.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from guard.alerts import AlertConfig, alert_scores, calibrate_threshold, expand_batch
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
+from guard.prompted import PromptedCLIP
 
 from .attacks import Backdoor, Trigger, load_trigger
 from .data import load_dataset
@@ -120,6 +125,24 @@ def alert_scores_of(forward: Forward, preprocess: Preprocess, images: torch.Tens
     return torch.cat(scores), torch.cat(logits)
 
 
+def frozen_tower_scores(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor,
+                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [N], logits [N, C]) for resized images: how far a purified model's outputs are
+    from those of the frozen tower it was purified from (its prompts off), in the default
+    statistic's form with that tower as the one view: (1 - cos(h, h_frozen)) + (1 - cos(z, z_frozen)).
+    A trigger the purification removed still fires in the frozen tower, so the two disagree."""
+    frozen = PromptedCLIP(model.encoder, model.text_features, model.logit_scale)  # no prompts
+    scores, logits = [], []
+    with torch.no_grad():
+        for batch in images.split(batch_size):
+            normalized = preprocess.normalize(batch)
+            (z, h), (z_frozen, h_frozen) = model(normalized), frozen(normalized)
+            scores.append(2 - F.cosine_similarity(h.float(), h_frozen.float(), dim=-1)
+                          - F.cosine_similarity(z.float(), z_frozen.float(), dim=-1))
+            logits.append(z.float())
+    return torch.cat(scores), torch.cat(logits)
+
+
 def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor, overlays: torch.Tensor,
                  batch_size: int = 256) -> torch.Tensor:
     """STRIP: minus the mean prediction entropy over 0.5 x image + 0.5 x overlay for each
@@ -201,7 +224,7 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
         entry["hit"] = detection_metrics(clean_scores, trig_scores[hit]) if hit.any() else None
         return entry
 
-    clean_scores_of = {}
+    clean_scores_of, trig_scores_of = {}, {}
     for config in candidates:
         name = config_name(config)
         clean_scores, _ = alert_scores_of(forward, preprocess, clean, config)
@@ -209,9 +232,24 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
         result["candidates"][name] = measure(clean_scores, trig_scores, trig_logits, 1 + config.num_perturbations,
                                              {"config": config.to_dict(), "default": config == DEFAULT})
         result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
-        clean_scores_of[config] = clean_scores
+        clean_scores_of[config], trig_scores_of[config] = clean_scores, trig_scores
     result["default"] = config_name(DEFAULT)
     result["asr"] = next(iter(result["candidates"].values()))["asr"] if candidates else None
+
+    result["frozen_tower"] = {}
+    if isinstance(model, PromptedCLIP) and model.prompts is not None:  # a second signal, not in the runtime yet
+        clean_scores, _ = frozen_tower_scores(model, preprocess, clean)
+        trig_scores, trig_logits = frozen_tower_scores(model, preprocess, triggered)
+        result["frozen_tower"]["disagreement"] = measure(clean_scores, trig_scores, trig_logits, 2)
+        result["scores"]["disagreement"] = (clean_scores.tolist(), trig_scores.tolist())
+        if DEFAULT in clean_scores_of:
+            # the default statistic over its K perturbed views plus the frozen tower as view K + 1:
+            # 1 - mean cos over K + 1 views = (K x default's term + the tower's term) / (K + 1), per term
+            k, name = DEFAULT.num_perturbations, f"{config_name(DEFAULT)}+frozen tower"
+            combined = [(k * default + tower) / (k + 1) for default, tower in
+                        ((clean_scores_of[DEFAULT], clean_scores), (trig_scores_of[DEFAULT], trig_scores))]
+            result["frozen_tower"][name] = measure(*combined, trig_logits, 2 + k)
+            result["scores"][name] = tuple(scores.tolist() for scores in combined)
 
     if overlays is not None:
         overlay_images = preprocess.resize(overlays)
@@ -260,6 +298,8 @@ def format_table(result: dict) -> str:
         row(name + (" (default)" if entry.get("default") else ""), entry)
     for name, entry in result["strip"].items():
         row(name, entry)
+    for name, entry in result.get("frozen_tower", {}).items():
+        row(name, entry)
     for entry in result["adaptive"]:
         row(f"adaptive vs {entry['alert']} w={entry['weight']:g}", entry)
     return "\n".join(lines)
@@ -267,13 +307,14 @@ def format_table(result: dict) -> str:
 
 def plot_scores(result: dict, out: str | Path, names: Optional[Sequence[str]] = None) -> Path:
     """Histograms of clean vs triggered scores, one panel per alert in `names` (default:
-    the default alert, STRIP-free, and every adaptive run)."""
+    the default alert, STRIP-free, the frozen-tower signals and every adaptive run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(names or [n for n in result["scores"]
-                           if n == result["default"] or n.startswith(f"adaptive {result['default']}")])
+                           if n == result["default"] or n in result.get("frozen_tower", {})
+                           or n.startswith(f"adaptive {result['default']}")])
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
     for axis, name in zip(axes[0], names):
         clean, triggered = (torch.tensor(s, dtype=torch.float64) for s in result["scores"][name])
