@@ -112,6 +112,8 @@ def quantize(images: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.round(images * (levels - 1)) / (levels - 1)
 
 
+FROZEN_TOWER = "frozen"
+
 # name -> (parameter type or None, parameter check, function(images, parameter, index)).
 # Kernel sizes are pixels at the model's resolution; the defaults fit 3 px patch triggers
 # (BadNet's 16 px at 224 px scaled to the 32 px reference model).
@@ -125,6 +127,10 @@ PERTURBATIONS = {
     "noise": (float, (lambda v: 0 < v <= 1, "a std in (0, 1]"), lambda x, v, i: gaussian_noise(x, v, seed=i)),
     "quant": (int, (lambda v: v >= 2, "an integer >= 2"), lambda x, v, i: quantize(x, v)),
     "hflip": (None, None, lambda x, v, i: x.flip(-1)),
+    # not an image change: these rows run through the frozen tower (the prompts off), where a
+    # trigger that purification removed still fires; only the torch backend serves it, and
+    # it must come last so that the backend finds its rows at the end of the batch
+    FROZEN_TOWER: (None, None, lambda x, v, i: x),
 }
 
 # name -> score(ch, cz, kl); ch, cz: mean cosines of embeddings and logits; kl: mean KL.
@@ -162,7 +168,7 @@ def _parse(spec) -> tuple[str, object]:
 @dataclass(frozen=True)
 class AlertConfig:
     """perturbations: K >= 1 specs 'name' or 'name:value' (see PERTURBATIONS), one extra
-    forward pass each. statistic: a key of STATISTICS. threshold: scores above it alert
+    forward pass each; 'frozen' (last) is the image itself through the frozen tower. statistic: a key of STATISTICS. threshold: scores above it alert
     (calibrate it on clean images with `calibrate_threshold`); None means not calibrated."""
     perturbations: tuple[str, ...] = ("open:3", "median:3")
     statistic: str = "pr_terms"
@@ -175,6 +181,8 @@ class AlertConfig:
             raise InputError("an alert needs at least one perturbation")
         for spec in self.perturbations:
             _parse(spec)
+        if FROZEN_TOWER in self.perturbations[:-1]:
+            raise InputError(f"the {FROZEN_TOWER!r} view must be the last perturbation, got {list(self.perturbations)}")
         object.__setattr__(self, "perturbations", tuple(self.perturbations))
         if not isinstance(self.statistic, str) or self.statistic not in STATISTICS:
             raise InputError(f"unknown statistic {self.statistic!r}; known: {sorted(STATISTICS)}")
@@ -187,6 +195,10 @@ class AlertConfig:
     @property
     def num_perturbations(self) -> int:
         return len(self.perturbations)
+
+    @property
+    def uses_frozen_tower(self) -> bool:
+        return self.perturbations[-1] == FROZEN_TOWER
 
     def to_dict(self) -> dict:
         return {"perturbations": list(self.perturbations), "statistic": self.statistic, "threshold": self.threshold}

@@ -28,6 +28,7 @@ class Backend:
     """Runs the compiled or eager forward pass. Subclasses set `name` and implement run."""
     name = "backend"
     max_batch: Optional[int] = None  # the largest batch one run accepts; None: any
+    serves_frozen_tower = False  # compiled graphs have the prompts folded in for every row
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -50,14 +51,17 @@ def _outputs_to_cpu(logits, embedding) -> tuple[torch.Tensor, torch.Tensor]:
 class TorchBackend(Backend):
     """An nn.Module returning (logits, embedding): the folded model built from an artifact."""
     name = "torch"
+    serves_frozen_tower = True
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         super().__init__(device)
         self.model = model
 
-    def run(self, images):
+    def run(self, images, frozen_rows: int = 0):
+        """frozen_rows: the last rows run through the frozen tower (FoldedCLIP's prompts off)."""
         with torch.inference_mode():
-            return _outputs_to_cpu(*self.model(images.to(self.device)))
+            images = images.to(self.device)
+            return _outputs_to_cpu(*(self.model(images, frozen_rows) if frozen_rows else self.model(images)))
 
     def describe(self) -> dict:
         return {**super().describe(), "fused_attention": bool(getattr(self.model, "fused", False))}

@@ -385,7 +385,8 @@ def add_calibrate(commands) -> None:
                         help="score at most this many images, a seeded random choice (2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of that choice (0)")
     parser.add_argument("--perturbations", default=None, metavar="P1,P2",
-                        help="recalibrate with these perturbations, e.g. open:3,median:3 (default: the model's)")
+                        help="recalibrate with these perturbations, e.g. open:3,median:3; a last 'frozen' adds "
+                        "the frozen-tower view (artifacts only) (default: the model's)")
     parser.add_argument("--statistic", default=None, help="recalibrate with this statistic (default: the model's)")
     parser.add_argument("--backend", default="auto", metavar="B", help="auto (default), torch, onnxruntime, ...")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")

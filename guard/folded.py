@@ -131,11 +131,16 @@ class FoldedCLIP(nn.Module):
     def num_folded_blocks(self) -> int:
         return sum(isinstance(block, FoldedBlock) for block in self.blocks)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [N, C], image embedding [N, E])."""
+    def forward(self, images: torch.Tensor, frozen_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits [N, C], image embedding [N, E]). The last `frozen_rows` images run
+        through the frozen tower: their tokens skip the prompts' keys and values, which is
+        exactly the base model's attention (the alert's frozen-tower view)."""
         tokens = self.encoder.embed(images)
         for block in self.blocks:
-            tokens = block(tokens)
+            if frozen_rows and isinstance(block, FoldedBlock):  # (no len(images) here: export keeps N dynamic)
+                tokens = torch.cat([block(tokens[:-frozen_rows]), block.block(tokens[-frozen_rows:])])
+            else:
+                tokens = block(tokens)
         embedding = self.encoder.head(tokens)
         return class_logits(embedding, self.text_features, self.logit_scale), embedding
 

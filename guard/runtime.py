@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._compat import import_open_clip
-from .alerts import AlertConfig, alert_scores, expand_batch
+from .alerts import FROZEN_TOWER, AlertConfig, alert_scores, expand_batch
 from .artifact import Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .errors import ArtifactError, ClosedError, InputError
@@ -151,6 +151,10 @@ class Guard:
         self.classes = tuple(classes)
         self.manifest = manifest
         self.alert_config = alert_config_of(manifest)
+        if self.alert_config.uses_frozen_tower and not backend.serves_frozen_tower:
+            raise ArtifactError(f"the recorded alert uses the {FROZEN_TOWER!r} view, which the {backend.name} backend "
+                                "cannot serve; recalibrate without it (`python -m guard calibrate MODEL --data DATA "
+                                "--perturbations open:3,median:3`)")
         self.backend = backend.name
         self.device = backend.device
         self.backend_info = backend.describe()
@@ -202,7 +206,13 @@ class Guard:
                 logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
             else:
                 expanded = self.preprocess.normalize(expand_batch(resized, alert))
-                all_logits, embeddings = _run_in_pieces(backend, expanded)
+                if alert.uses_frozen_tower:  # its rows come last; one call, never split
+                    if not backend.serves_frozen_tower:
+                        raise InputError(f"the {FROZEN_TOWER!r} alert view needs the artifact directory on the "
+                                         f"torch backend; the {backend.name} model has its prompts folded in")
+                    all_logits, embeddings = backend.run(expanded, len(resized))
+                else:
+                    all_logits, embeddings = _run_in_pieces(backend, expanded)
                 scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
                 logits.append(all_logits[:len(resized)])  # the unperturbed images come first
             if progress is not None:

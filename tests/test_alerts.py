@@ -16,7 +16,8 @@ from training.evaluate import load_classifier
 
 from conftest import CLASSES
 
-ALL_PERTURBATIONS = ("median:3", "open:3", "close:3", "blur:5", "downup:2", "noise:0.1", "quant:4", "hflip")
+ALL_PERTURBATIONS = ("median:3", "open:3", "close:3", "blur:5", "downup:2", "noise:0.1", "quant:4", "hflip",
+                     "frozen")  # the frozen-tower view: an image copy, last
 
 
 def _images(n=6, side=16, seed=0):
@@ -265,6 +266,28 @@ def test_frozen_tower_signal_is_the_default_statistic_with_the_frozen_tower_as_o
     unprompted = detection.evaluate_detection(frozen, preprocess, images, labels, backdoor, (detection.DEFAULT,),
                                               strip_counts=())
     assert unprompted["frozen_tower"] == {}
+
+
+def test_runtime_frozen_tower_view_gives_the_detection_score(tiny_artifact):
+    import guard
+
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    resized = preprocess.resize(images)
+    default, _ = detection.alert_scores_of(model, preprocess, resized, detection.DEFAULT)
+    tower, _ = detection.frozen_tower_scores(model, preprocess, resized)
+    config = AlertConfig(("open:3", "median:3", "frozen"))
+    assert config.uses_frozen_tower and not detection.DEFAULT.uses_frozen_tower
+    with guard.load(tiny_artifact.path, device="cpu") as served:  # folded, one backend call per batch
+        scores = served.alert_scores(list(images), batch_size=4, config=config)
+    torch.testing.assert_close(scores, (2 * default + tower) / 3, atol=1e-5, rtol=1e-4)
+
+
+def test_the_frozen_tower_view_comes_last_and_takes_no_parameter():
+    with pytest.raises(InputError, match="must be the last perturbation"):
+        AlertConfig(("frozen", "open:3"))
+    with pytest.raises(InputError, match="takes no parameter"):
+        AlertConfig(("open:3", "frozen:1"))
 
 
 def _adaptive_objective(model, preprocess, trigger, images, target, weight):

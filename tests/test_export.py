@@ -246,6 +246,23 @@ def test_a_calibrated_threshold_carries_over_to_fp32_exports_only(tiny_artifact,
         assert model.alert_config.threshold == record["threshold"]
 
 
+def test_the_frozen_tower_view_is_served_by_the_artifact_and_refused_by_compiled_models(tiny_artifact, tmp_path):
+    from guard.alerts import AlertConfig
+    from guard.calibration import store_alert
+
+    with_tower = AlertConfig(("open:3", "median:3", "frozen"), "pr_terms", 0.1)
+    artifact = Path(shutil.copytree(tiny_artifact.path, tmp_path / "purified"))
+    store_alert(artifact, with_tower, {"fpr": 0.01, "images": 500})
+    images = raw_images(3, seed=4)
+    with guard.load(artifact, device="cpu") as model:
+        assert model.alert_config == with_tower and len(model.classify(images)) == 3
+    export_onnx(artifact, tmp_path / "fp32.onnx", precision="fp32")
+    with guard.load(tmp_path / "fp32.onnx", device="cpu") as model:
+        assert model.alert_config == AlertConfig()  # not carried over: the uncalibrated default
+        with pytest.raises(InputError, match="needs the artifact directory on the torch backend"):
+            model.alert_scores(images, config=with_tower)
+
+
 def test_onnxruntime_without_spinning_workers_gives_the_same_outputs(exports):
     from guard.backends import OnnxRuntimeBackend
 

@@ -70,6 +70,18 @@ def test_folding_without_prompts_is_the_plain_tower():
         assert torch.equal(folded(images)[1], clip.encode_image(images))
 
 
+def test_frozen_rows_run_through_the_plain_tower_in_the_same_call():
+    model = prompted_model(random_clip(5), 1, 3)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    plain = PromptedCLIP(model.encoder, model.text_features, model.logit_scale)  # the prompts off
+    with torch.no_grad():
+        logits, embedding = fold(model)(images, frozen_rows=2)
+        torch.testing.assert_close(embedding[:3], model(images[:3])[1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(embedding[3:], plain(images[3:])[1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(logits[3:], plain(images[3:])[0], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(embedding[3:], model(images[3:])[1], atol=1e-3)  # the prompts do matter
+
+
 def test_prompt_keys_and_values_are_the_blocks_projections():
     clip = random_clip(4)
     block = clip.visual.transformer.resblocks[1]

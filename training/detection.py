@@ -17,9 +17,9 @@ the alert's own perturbations (they are deterministic, so the expectation over t
 family is this mean). "evade" is the fraction of triggered non-target images that reach
 the target and are not flagged at 1 % FPR.
 
-A purified artifact also gets a second signal, measured here and not yet served by
-guard: how far its outputs are from those of the frozen tower it was purified from
-(`frozen_tower_scores`), alone and added to the default alert as one more view.
+A purified artifact also gets a second signal: how far its outputs are from those of the
+frozen tower it was purified from (`frozen_tower_scores`), alone and added to the default
+alert as one more view (what guard serves as the alert view 'frozen' on the torch backend).
 """
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
     result["asr"] = next(iter(result["candidates"].values()))["asr"] if candidates else None
 
     result["frozen_tower"] = {}
-    if isinstance(model, PromptedCLIP) and model.prompts is not None:  # a second signal, not in the runtime yet
+    if isinstance(model, PromptedCLIP) and model.prompts is not None:  # the second signal
         clean_scores, _ = frozen_tower_scores(model, preprocess, clean)
         trig_scores, trig_logits = frozen_tower_scores(model, preprocess, triggered)
         result["frozen_tower"]["disagreement"] = measure(clean_scores, trig_scores, trig_logits, 2)
