@@ -261,6 +261,9 @@ def test_the_frozen_tower_view_is_served_by_the_artifact_and_refused_by_compiled
         assert model.alert_config == AlertConfig()  # not carried over: the uncalibrated default
         with pytest.raises(InputError, match="needs the artifact directory on the torch backend"):
             model.alert_scores(images, config=with_tower)
+    store_alert(tmp_path / "fp32.onnx", with_tower, None)  # recorded anyway: refused at load, with the way out
+    with pytest.raises(ArtifactError, match="recalibrate without it"):
+        guard.load(tmp_path / "fp32.onnx", device="cpu")
 
 
 def test_onnxruntime_without_spinning_workers_gives_the_same_outputs(exports):
