@@ -168,8 +168,9 @@ def _parse(spec) -> tuple[str, object]:
 @dataclass(frozen=True)
 class AlertConfig:
     """perturbations: K >= 1 specs 'name' or 'name:value' (see PERTURBATIONS), one extra
-    forward pass each; 'frozen' (last) is the image itself through the frozen tower. statistic: a key of STATISTICS. threshold: scores above it alert
-    (calibrate it on clean images with `calibrate_threshold`); None means not calibrated."""
+    forward pass each; 'frozen' (last) is the image itself through the frozen tower.
+    statistic: a key of STATISTICS. threshold: scores above it alert (calibrate it on
+    clean images with `calibrate_threshold`); None means not calibrated."""
     perturbations: tuple[str, ...] = ("open:3", "median:3")
     statistic: str = "pr_terms"
     threshold: Optional[float] = None

@@ -152,6 +152,7 @@ class Guard:
         self.manifest = manifest
         self.alert_config = alert_config_of(manifest)
         if self.alert_config.uses_frozen_tower and not backend.serves_frozen_tower:
+            backend.close()
             raise ArtifactError(f"the recorded alert uses the {FROZEN_TOWER!r} view, which the {backend.name} backend "
                                 "cannot serve; recalibrate without it (`python -m guard calibrate MODEL --data DATA "
                                 "--perturbations open:3,median:3`)")
