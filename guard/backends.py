@@ -49,7 +49,8 @@ def _outputs_to_cpu(logits, embedding) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TorchBackend(Backend):
-    """An nn.Module returning (logits, embedding): the folded model built from an artifact."""
+    """A PromptedCLIP or its folded form (what guard.load builds from an artifact): both
+    return (logits, embedding) and run `frozen_rows` last rows through the frozen tower."""
     name = "torch"
     serves_frozen_tower = True
 
@@ -58,10 +59,8 @@ class TorchBackend(Backend):
         self.model = model
 
     def run(self, images, frozen_rows: int = 0):
-        """frozen_rows: the last rows run through the frozen tower (FoldedCLIP's prompts off)."""
         with torch.inference_mode():
-            images = images.to(self.device)
-            return _outputs_to_cpu(*(self.model(images, frozen_rows) if frozen_rows else self.model(images)))
+            return _outputs_to_cpu(*self.model(images.to(self.device), frozen_rows))
 
     def describe(self) -> dict:
         return {**super().describe(), "fused_attention": bool(getattr(self.model, "fused", False))}

@@ -184,7 +184,12 @@ class PromptedCLIP(nn.Module):
     def logits(self, embedding: torch.Tensor) -> torch.Tensor:
         return class_logits(embedding, self.text_features, self.logit_scale)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [N, C], image embedding [N, E])."""
-        embedding = self.encoder(images, self.prompts).embedding
+    def forward(self, images: torch.Tensor, frozen_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits [N, C], image embedding [N, E]); the last `frozen_rows` images run
+        through the frozen tower, without prompts (the alert's frozen-tower view)."""
+        if frozen_rows:
+            embedding = torch.cat([self.encoder(images[:-frozen_rows], self.prompts).embedding,
+                                   self.encoder(images[-frozen_rows:]).embedding])
+        else:
+            embedding = self.encoder(images, self.prompts).embedding
         return self.logits(embedding), embedding

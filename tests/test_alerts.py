@@ -275,7 +275,7 @@ def test_runtime_frozen_tower_view_gives_the_detection_score(tiny_artifact):
     images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     resized = preprocess.resize(images)
     default, _ = detection.alert_scores_of(model, preprocess, resized, detection.DEFAULT)
-    tower, _ = detection.frozen_tower_scores(model, preprocess, resized)
+    tower, _ = detection.alert_scores_of(model, preprocess, resized, AlertConfig(("frozen",)))
     config = AlertConfig(("open:3", "median:3", "frozen"))
     assert config.uses_frozen_tower and not detection.DEFAULT.uses_frozen_tower
     with guard.load(tiny_artifact.path, device="cpu") as served:  # folded, one backend call per batch

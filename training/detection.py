@@ -18,8 +18,8 @@ family is this mean). "evade" is the fraction of triggered non-target images tha
 the target and are not flagged at 1 % FPR.
 
 A purified artifact also gets a second signal: how far its outputs are from those of the
-frozen tower it was purified from (`frozen_tower_scores`), alone and added to the default
-alert as one more view (what guard serves as the alert view 'frozen' on the torch backend).
+frozen tower it was purified from: guard's alert view 'frozen' alone, and added to the
+default alert's views (`FROZEN_TOWER_SIGNALS`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from guard.alerts import AlertConfig, alert_scores, calibrate_threshold, expand_batch
+from guard.alerts import FROZEN_TOWER, AlertConfig, alert_scores, calibrate_threshold, expand_batch
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP
@@ -73,6 +73,14 @@ CANDIDATES: tuple[AlertConfig, ...] = (
     _cfg("pr", "noise:0.03"),
     _cfg("pr", "blur:5"),
 )
+
+
+# For purified artifacts: how far the prompted model's outputs are from its frozen tower's,
+# where a trigger the purification removed still fires (guard's alert view 'frozen').
+FROZEN_TOWER_SIGNALS = {
+    "disagreement": AlertConfig((FROZEN_TOWER,)),
+    "pr_terms[open3,median3]+frozen tower": AlertConfig(DEFAULT.perturbations + (FROZEN_TOWER,)),
+}
 
 
 def config_name(config: AlertConfig) -> str:
@@ -119,27 +127,11 @@ def alert_scores_of(forward: Forward, preprocess: Preprocess, images: torch.Tens
     scores, logits = [], []
     with torch.no_grad():
         for batch in images.split(batch_size):
-            out_logits, embedding = forward(preprocess.normalize(expand_batch(batch, config)))
+            expanded = preprocess.normalize(expand_batch(batch, config))
+            frozen_rows = len(batch) if config.uses_frozen_tower else 0  # the frozen view's rows come last
+            out_logits, embedding = forward(expanded, frozen_rows) if frozen_rows else forward(expanded)
             scores.append(alert_scores(out_logits, embedding, len(batch), config))
             logits.append(out_logits[:len(batch)].float())
-    return torch.cat(scores), torch.cat(logits)
-
-
-def frozen_tower_scores(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor,
-                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [N], logits [N, C]) for resized images: how far a purified model's outputs are
-    from those of the frozen tower it was purified from (its prompts off), in the default
-    statistic's form with that tower as the one view: (1 - cos(h, h_frozen)) + (1 - cos(z, z_frozen)).
-    A trigger the purification removed still fires in the frozen tower, so the two disagree."""
-    frozen = PromptedCLIP(model.encoder, model.text_features, model.logit_scale)  # no prompts
-    scores, logits = [], []
-    with torch.no_grad():
-        for batch in images.split(batch_size):
-            normalized = preprocess.normalize(batch)
-            (z, h), (z_frozen, h_frozen) = model(normalized), frozen(normalized)
-            scores.append(2 - F.cosine_similarity(h.float(), h_frozen.float(), dim=-1)
-                          - F.cosine_similarity(z.float(), z_frozen.float(), dim=-1))
-            logits.append(z.float())
     return torch.cat(scores), torch.cat(logits)
 
 
@@ -224,7 +216,7 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
         entry["hit"] = detection_metrics(clean_scores, trig_scores[hit]) if hit.any() else None
         return entry
 
-    clean_scores_of, trig_scores_of = {}, {}
+    clean_scores_of = {}
     for config in candidates:
         name = config_name(config)
         clean_scores, _ = alert_scores_of(forward, preprocess, clean, config)
@@ -232,24 +224,18 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
         result["candidates"][name] = measure(clean_scores, trig_scores, trig_logits, 1 + config.num_perturbations,
                                              {"config": config.to_dict(), "default": config == DEFAULT})
         result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
-        clean_scores_of[config], trig_scores_of[config] = clean_scores, trig_scores
+        clean_scores_of[config] = clean_scores
     result["default"] = config_name(DEFAULT)
     result["asr"] = next(iter(result["candidates"].values()))["asr"] if candidates else None
 
     result["frozen_tower"] = {}
     if isinstance(model, PromptedCLIP) and model.prompts is not None:  # the second signal
-        clean_scores, _ = frozen_tower_scores(model, preprocess, clean)
-        trig_scores, trig_logits = frozen_tower_scores(model, preprocess, triggered)
-        result["frozen_tower"]["disagreement"] = measure(clean_scores, trig_scores, trig_logits, 2)
-        result["scores"]["disagreement"] = (clean_scores.tolist(), trig_scores.tolist())
-        if DEFAULT in clean_scores_of:
-            # the default statistic over its K perturbed views plus the frozen tower as view K + 1:
-            # 1 - mean cos over K + 1 views = (K x default's term + the tower's term) / (K + 1), per term
-            k, name = DEFAULT.num_perturbations, f"{config_name(DEFAULT)}+frozen tower"
-            combined = [(k * default + tower) / (k + 1) for default, tower in
-                        ((clean_scores_of[DEFAULT], clean_scores), (trig_scores_of[DEFAULT], trig_scores))]
-            result["frozen_tower"][name] = measure(*combined, trig_logits, 2 + k)
-            result["scores"][name] = tuple(scores.tolist() for scores in combined)
+        for name, config in FROZEN_TOWER_SIGNALS.items():
+            clean_scores, _ = alert_scores_of(forward, preprocess, clean, config)
+            trig_scores, trig_logits = alert_scores_of(forward, preprocess, triggered, config)
+            result["frozen_tower"][name] = measure(clean_scores, trig_scores, trig_logits,
+                                                   1 + config.num_perturbations)
+            result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
 
     if overlays is not None:
         overlay_images = preprocess.resize(overlays)
