@@ -136,10 +136,21 @@ class PromptedVisionEncoder(nn.Module):
         return pooled
 
     def forward(self, images: torch.Tensor, prompts: Optional[VisualPrompts] = None) -> VisionFeatures:
+        tokens, class_tokens = self._tokens(images, prompts)
+        return VisionFeatures(self.head(tokens), _stack_class_tokens(class_tokens, tokens))
+
+    def final_class_token(self, images: torch.Tensor, prompts: Optional[VisualPrompts] = None) -> torch.Tensor:
+        """[N, D] class token at the output of the last block, before ln_post (what the
+        feature-density signal of training.detection models)."""
+        tokens, _ = self._tokens(images, prompts)
+        return tokens[:, 0]
+
+    def _tokens(self, images: torch.Tensor, prompts: Optional[VisualPrompts]
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last block's tokens and the class tokens of the prompted blocks."""
         start = prompts.start_block if prompts is not None else self.num_blocks
         tokens, _ = self.run_blocks(self.embed(images), 0, start)
-        tokens, class_tokens = self.run_blocks(tokens, start, self.num_blocks, prompts)
-        return VisionFeatures(self.head(tokens), _stack_class_tokens(class_tokens, tokens))
+        return self.run_blocks(tokens, start, self.num_blocks, prompts)
 
     def forward_with_reference(self, images: torch.Tensor, prompts: VisualPrompts
                                ) -> tuple[VisionFeatures, VisionFeatures]:

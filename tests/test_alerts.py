@@ -213,6 +213,42 @@ def test_auroc_and_rates():
         detection.parse_alert("pr_terms")
 
 
+def test_feature_density_is_the_shrunk_shared_covariance_mahalanobis_distance():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(20)
+    features = torch.randn(60, 5, generator=generator) + 3.0 * labels[:, None]
+    density = detection.ClassDensity.fit(features, labels, 3, shrinkage=0.5)
+    # by hand: class means, the pooled within-class covariance plus 0.5 x its mean variance
+    means = torch.stack([features[labels == k].mean(0) for k in range(3)]).double()
+    centred = features.double() - means[labels]
+    covariance = centred.T @ centred / 60
+    covariance = covariance + 0.5 * covariance.trace() / 5 * torch.eye(5, dtype=torch.float64)
+    queries = 4 * torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    expected = torch.stack([min((q - m) @ torch.linalg.solve(covariance, q - m) for m in means) for q in queries])
+    torch.testing.assert_close(density.score(queries, batch_size=3).double(), expected, rtol=1e-5, atol=1e-5)
+    # far from every clean class scores above every clean feature
+    assert density.score(torch.full((1, 5), 50.0)).item() > density.score(features).max().item()
+
+
+@pytest.mark.parametrize("features, labels, num_classes, shrinkage, message", [
+    (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 0, 1]), 3, 0.1, "classes \\[2\\] have none"),
+    (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 3]), 3, 0.1, "must lie in \\[0, 3\\)"),
+    (torch.full((6, 4), float("nan")), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.1, "NaN"),
+    (torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.1, "do not vary"),
+    (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.0, "shrinkage"),
+    (torch.randn(6), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.1, "features \\[N, D\\]"),
+])
+def test_feature_density_rejects_bad_calibration(features, labels, num_classes, shrinkage, message):
+    with pytest.raises(InputError, match=message):
+        detection.ClassDensity.fit(features, labels, num_classes, shrinkage)
+
+
+def test_feature_density_rejects_features_of_another_width():
+    density = detection.ClassDensity.fit(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), 3)
+    with pytest.raises(InputError, match="4-dimensional"):
+        density.score(torch.randn(2, 5))
+
+
 def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
     model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
     generator = torch.Generator().manual_seed(0)
@@ -222,7 +258,7 @@ def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
     candidates = (detection.DEFAULT, AlertConfig(("hflip",), "pr"))
     result = detection.evaluate_detection(model, preprocess, images, labels, backdoor, candidates,
                                           overlays=images[:3], strip_counts=(2,), attack_images=images[:8],
-                                          adaptive_weights=(1.0,), adaptive_steps=2)
+                                          adaptive_weights=(1.0,), adaptive_steps=2, calibration=(images, labels))
     assert result["n_clean"] == 24 and result["n_triggered"] == 18
     assert set(result["candidates"]) == {"pr_terms[open3,median3]", "pr[hflip]"}
     default = result["candidates"]["pr_terms[open3,median3]"]
@@ -233,8 +269,11 @@ def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
     assert set(result["frozen_tower"]) == {"disagreement", "pr_terms[open3,median3]+frozen tower"}
     assert result["frozen_tower"]["disagreement"]["passes"] == 2
     assert result["frozen_tower"]["pr_terms[open3,median3]+frozen tower"]["passes"] == 4
+    assert {name: entry["passes"] for name, entry in result["density"].items()} == {
+        "feature density, served tower": 1, "feature density, frozen tower": 2}
     table = detection.format_table(result)
     assert "(default)" in table and "strip-2" in table and "adaptive vs" in table and "frozen tower" in table
+    assert "feature density, served tower" in table
     json.dumps(result)
     assert detection.plot_scores(result, tmp_path / "scores.png").stat().st_size > 0
 
@@ -266,6 +305,33 @@ def test_frozen_tower_signal_is_the_default_statistic_with_the_frozen_tower_as_o
     unprompted = detection.evaluate_detection(frozen, preprocess, images, labels, backdoor, (detection.DEFAULT,),
                                               strip_counts=())
     assert unprompted["frozen_tower"] == {}
+
+
+def test_feature_density_is_fitted_on_the_calibration_tokens_of_each_tower(tiny_artifact):
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    calibration = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels, calibration_labels = torch.arange(12) % len(CLASSES), torch.arange(30) % len(CLASSES)
+    backdoor = Backdoor(BadNet(32, seed=0), 0, CLASSES[0])
+    result = detection.evaluate_detection(model, preprocess, images, labels, backdoor, (), strip_counts=(),
+                                          calibration=(calibration, calibration_labels))
+    encoder = model.encoder
+    with torch.no_grad():
+        for tower, prompts in (("served", model.prompts), ("frozen", None)):
+            tokens = encoder.final_class_token(preprocess.normalize(preprocess.resize(calibration)), prompts)
+            density = detection.ClassDensity.fit(tokens, calibration_labels, len(CLASSES))
+            expected = density.score(encoder.final_class_token(preprocess.normalize(preprocess.resize(images)),
+                                                               prompts))
+            clean_scores, _ = result["scores"][f"feature density, {tower} tower"]
+            torch.testing.assert_close(torch.tensor(clean_scores), expected)
+    served, _ = result["scores"]["feature density, served tower"]
+    frozen_scores, _ = result["scores"]["feature density, frozen tower"]
+    assert not torch.allclose(torch.tensor(served), torch.tensor(frozen_scores))  # the prompts move the tokens
+    unprompted = PromptedCLIP(model.encoder, model.text_features, model.logit_scale)
+    result = detection.evaluate_detection(unprompted, preprocess, images, labels, backdoor, (), strip_counts=(),
+                                          calibration=(calibration, calibration_labels))
+    assert list(result["density"]) == ["feature density, served tower"]
 
 
 def test_runtime_frozen_tower_view_gives_the_detection_score(tiny_artifact):
@@ -360,7 +426,12 @@ def test_default_alert_separates_badnet_on_real_data(zoo):
     test = load_dataset("fashion-mnist", "test")
     model, preprocess = load_classifier(str(zoo["badnet"]), test.classes)
     chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:200]
+    train = load_dataset("fashion-mnist", "train")
+    calibration = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:1000]
     result = detection.evaluate_detection(model, preprocess, test.images[chosen], test.labels[chosen],
-                                          load_trigger(zoo["badnet"]), (detection.DEFAULT,))
+                                          load_trigger(zoo["badnet"]), (detection.DEFAULT,),
+                                          calibration=(train.images[calibration], train.labels[calibration]))
     default = result["candidates"]["pr_terms[open3,median3]"]
     assert default["auroc"] > 0.97 and default["tpr@5"] > 0.85
+    density = result["density"]["feature density, served tower"]
+    assert density["auroc"] > 0.97 and density["tpr@5"] > 0.85

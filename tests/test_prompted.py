@@ -58,6 +58,20 @@ def test_prompts_follow_vpt_deep(clip, images):
     assert not torch.allclose(features.embedding, clip.encode_image(images), atol=1e-3)
 
 
+def test_final_class_token_is_what_the_head_pools(clip, images):
+    encoder = PromptedVisionEncoder(clip.visual)
+    torch.manual_seed(0)
+    prompts = encoder.new_prompts(start_block=1, num_tokens=5)
+    torch.testing.assert_close(encoder.final_class_token(images, prompts), encoder(images, prompts).block_cls[:, -1])
+    # without prompts: open_clip's own blocks, and ln_post + proj of it is encode_image
+    tokens = clip.visual._embeds(images)
+    for block in clip.visual.transformer.resblocks:
+        tokens = block(tokens)
+    unprompted = encoder.final_class_token(images)
+    assert torch.equal(unprompted, tokens[:, 0])
+    torch.testing.assert_close(clip.visual.ln_post(unprompted) @ clip.visual.proj, clip.encode_image(images))
+
+
 def test_reference_pass_shares_the_unprompted_blocks(clip, images):
     encoder = PromptedVisionEncoder(clip.visual)
     prompts = encoder.new_prompts(start_block=2, num_tokens=3)

@@ -20,6 +20,11 @@ the target and are not flagged at 1 % FPR.
 A purified artifact also gets a second signal: how far its outputs are from those of the
 frozen tower it was purified from: guard's alert view 'frozen' alone, and added to the
 default alert's views (`FROZEN_TOWER_SIGNALS`).
+
+Feature density (`ClassDensity`, no perturbation): class-conditional Gaussians with one
+shared, shrunk covariance, fitted on the last block's class token of clean labelled
+training images; the score is the smallest squared Mahalanobis distance to a class mean.
+It is measured on the served tower and, for a purified artifact, on its frozen tower.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -150,6 +156,72 @@ def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor,
     return torch.cat(scores)
 
 
+# --- feature density ---------------------------------------------------------------------
+
+# Covariance shrinkage towards (shrinkage x mean variance) x I. On zoo/wanet's last class
+# token (5,000 calibration images) 0.001 / 0.01 / 0.1 / 0.3 / 1 gave AUROC 0.969 / 0.970 /
+# 0.976 / 0.975 / 0.969 (docs/detection.md); it also keeps the inverse stable for few images.
+DENSITY_SHRINKAGE = 0.1
+
+
+@dataclass(frozen=True)
+class ClassDensity:
+    """Class-conditional Gaussians with one shared covariance (the model of linear
+    discriminant analysis), fitted on clean labelled features [N, D]. score(x) is
+    min_k (x - mean_k)^T precision (x - mean_k): far from every clean class = suspicious."""
+    means: torch.Tensor  # [C, D], float64
+    precision: torch.Tensor  # [D, D], float64: the inverse of the shrunk shared covariance
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+            shrinkage: float = DENSITY_SHRINKAGE) -> "ClassDensity":
+        if features.ndim != 2 or labels.shape != (len(features),):
+            raise InputError(f"the feature density takes features [N, D] and labels [N], got "
+                             f"{tuple(features.shape)} and {tuple(labels.shape)}")
+        if not shrinkage > 0:
+            raise InputError(f"the covariance shrinkage must be > 0, got {shrinkage}")
+        if not torch.isfinite(features).all():
+            raise InputError("the calibration features hold NaN or inf values")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+            raise InputError(f"calibration labels must lie in [0, {num_classes}), got {labels.min().item()} to "
+                             f"{labels.max().item()}")
+        counts = torch.bincount(labels, minlength=num_classes)
+        if (counts == 0).any():
+            raise InputError(f"the feature density needs clean images of every class; classes "
+                             f"{(counts == 0).nonzero().flatten().tolist()} have none")
+        features = features.double()
+        means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
+        means /= counts[:, None]
+        centred = features - means[labels]
+        covariance = centred.T @ centred / len(features)
+        scale = covariance.diagonal().mean()
+        if not scale > 0:
+            raise InputError("the calibration features do not vary; the feature density needs distinct images")
+        covariance += shrinkage * scale * torch.eye(len(covariance), dtype=torch.float64)
+        return cls(means, torch.linalg.inv(covariance))
+
+    def score(self, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """[N] float32: the smallest squared Mahalanobis distance to a class mean."""
+        if features.ndim != 2 or features.shape[1] != self.means.shape[1]:
+            raise InputError(f"the feature density was fitted on {self.means.shape[1]}-dimensional features, "
+                             f"got {tuple(features.shape)}")
+        scores = []
+        for batch in features.double().split(batch_size):
+            difference = batch[:, None, :] - self.means[None]  # [B, C, D]
+            scores.append(torch.einsum("bcd,de,bce->bc", difference, self.precision, difference).min(1).values)
+        return torch.cat(scores).float()
+
+
+def class_tokens_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool = False,
+                    batch_size: int = 256) -> torch.Tensor:
+    """[N, D] last-block class tokens of resized images, through the model's prompts or
+    (frozen) through its frozen tower."""
+    prompts = None if frozen else model.prompts
+    with torch.no_grad():
+        return torch.cat([model.encoder.final_class_token(preprocess.normalize(batch), prompts).float()
+                          for batch in images.split(batch_size)])
+
+
 # --- adaptive attacker -----------------------------------------------------------------
 
 def adaptive_trigger(model: torch.nn.Module, preprocess: Preprocess, backdoor: Backdoor, images: torch.Tensor,
@@ -195,11 +267,13 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
                        overlays: Optional[torch.Tensor] = None, strip_counts: Sequence[int] = (2, 8),
                        attack_images: Optional[torch.Tensor] = None, adaptive_weights: Sequence[float] = (),
                        adaptive_steps: int = 100, adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,),
-                       seed: int = 0) -> dict:
+                       calibration: Optional[tuple[torch.Tensor, torch.Tensor]] = None, seed: int = 0) -> dict:
     """Detection results for uint8 test images [N, C, H, W] with labels [N] on `model`
     (a module returning (logits, embedding)). overlays: uint8 clean held-out images for
     STRIP; attack_images: uint8 images the adaptive attacker trains on (not the test set),
-    once per alert in adaptive_alerts and weight in adaptive_weights.
+    once per alert in adaptive_alerts and weight in adaptive_weights; calibration: uint8
+    clean held-out images and their labels that the feature density is fitted on (a
+    PromptedCLIP model only).
     Every candidate's scores are stored under "scores" for plots (clean, triggered lists)."""
     model.eval()
     forward: Forward = model
@@ -235,6 +309,21 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
             trig_scores, trig_logits = alert_scores_of(forward, preprocess, triggered, config)
             result["frozen_tower"][name] = measure(clean_scores, trig_scores, trig_logits,
                                                    1 + config.num_perturbations)
+            result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
+
+    result["density"] = {}
+    if calibration is not None and isinstance(model, PromptedCLIP):
+        with torch.no_grad():
+            trig_logits = forward(preprocess.normalize(triggered))[0].float()
+        calibration_images = preprocess.resize(calibration[0])
+        towers = {"served tower": False, "frozen tower": True} if model.prompts is not None else {"served tower": False}
+        for tower, frozen in towers.items():
+            density = ClassDensity.fit(class_tokens_of(model, preprocess, calibration_images, frozen),
+                                       calibration[1], model.text_features.shape[0])
+            clean_scores = density.score(class_tokens_of(model, preprocess, clean, frozen))
+            trig_scores = density.score(class_tokens_of(model, preprocess, triggered, frozen))
+            name = f"feature density, {tower}"
+            result["density"][name] = measure(clean_scores, trig_scores, trig_logits, 2 if frozen else 1)
             result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
 
     if overlays is not None:
@@ -284,7 +373,7 @@ def format_table(result: dict) -> str:
         row(name + (" (default)" if entry.get("default") else ""), entry)
     for name, entry in result["strip"].items():
         row(name, entry)
-    for name, entry in result.get("frozen_tower", {}).items():
+    for name, entry in [*result.get("frozen_tower", {}).items(), *result.get("density", {}).items()]:
         row(name, entry)
     for entry in result["adaptive"]:
         row(f"adaptive vs {entry['alert']} w={entry['weight']:g}", entry)
@@ -293,13 +382,14 @@ def format_table(result: dict) -> str:
 
 def plot_scores(result: dict, out: str | Path, names: Optional[Sequence[str]] = None) -> Path:
     """Histograms of clean vs triggered scores, one panel per alert in `names` (default:
-    the default alert, STRIP-free, the frozen-tower signals and every adaptive run)."""
+    the default alert, the frozen-tower and feature-density signals and every adaptive run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(names or [n for n in result["scores"]
                            if n == result["default"] or n in result.get("frozen_tower", {})
+                           or n in result.get("density", {})
                            or n.startswith(f"adaptive {result['default']}")])
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
     for axis, name in zip(axes[0], names):
@@ -312,7 +402,7 @@ def plot_scores(result: dict, out: str | Path, names: Optional[Sequence[str]] = 
             axis.axvline(calibrate_threshold(clean, 0.01), color="k", linestyle="--", label="1 % FPR threshold")
         axis.set_yscale("log")
         axis.set_title(name, fontsize=9)
-        axis.set_xlabel("alert score (higher = more suspicious)")
+        axis.set_xlabel("score (higher = more suspicious)")
         axis.legend(fontsize=8)
     return save_figure(figure, out, dpi=110)
 
@@ -320,15 +410,18 @@ def plot_scores(result: dict, out: str | Path, names: Optional[Sequence[str]] = 
 def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", images: int = 2000,
                   candidates: Sequence[AlertConfig] = CANDIDATES, strip_counts: Sequence[int] = (2, 8),
                   adaptive_weights: Sequence[float] = (), adaptive_steps: int = 100,
-                  adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,), seed: int = 0) -> dict:
+                  adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,), density_images: int = 2000,
+                  seed: int = 0) -> dict:
     """evaluate_detection on `images` seeded test images of `data` for a purified artifact or
     CLIP directory `model` and the trigger recorded with `attack`; STRIP overlays and the
     adaptive attacker's images come from one seeded order of the training split, the
-    attacker's after the overlays (so they depend on the largest STRIP count)."""
+    attacker's after the overlays (so they depend on the largest STRIP count); the feature
+    density's `density_images` calibration images (0: none) from a second seeded order."""
     from .evaluate import _model_image_size, load_classifier
 
-    if images < 1 or any(count < 1 for count in strip_counts) or adaptive_steps < 0:
-        raise InputError("the image count and STRIP counts must be positive, adaptive_steps not negative")
+    if images < 1 or any(count < 1 for count in strip_counts) or adaptive_steps < 0 or density_images < 0:
+        raise InputError("the image count and STRIP counts must be positive, adaptive_steps and density_images "
+                         "not negative")
     image_size = _model_image_size(model)
     test = load_dataset(data, "test", image_size=image_size)
     train = load_dataset(data, "train", image_size=image_size)
@@ -339,9 +432,12 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
     overlays = train.images[order[:max(strip_counts, default=0)]]
     attack_pool = order[max(strip_counts, default=0):]
     attack_pool = attack_pool[train.labels[attack_pool] != backdoor.target][:5000]
+    calibration = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2))[:density_images]
     result = evaluate_detection(classifier, preprocess, test.images[chosen], test.labels[chosen], backdoor,
                                 candidates, overlays if strip_counts else None, strip_counts,
-                                train.images[attack_pool], adaptive_weights, adaptive_steps, adaptive_alerts, seed)
+                                train.images[attack_pool], adaptive_weights, adaptive_steps, adaptive_alerts,
+                                (train.images[calibration], train.labels[calibration]) if density_images else None,
+                                seed)
     result.update(model=str(model), attack=str(attack), data=data, seed=seed)
     return result
 
@@ -373,6 +469,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--adaptive-alert", action="append", metavar="STATISTIC=P1+P2",
                         help="alert the adaptive attacker targets, e.g. pr=open:3+median:3 (repeatable; "
                              "default: the default alert)")
+    parser.add_argument("--density-images", type=int, default=2000,
+                        help="clean training images the feature density is fitted on (0 skips it)")
     parser.add_argument("--json", type=Path, help="write the results (scores included) here")
     parser.add_argument("--plot", type=Path, help="write score histograms here (.png)")
     parser.add_argument("--seed", type=int, default=0)
@@ -382,7 +480,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_detection(
             args.model, args.attack, args.data, args.images, CANDIDATES if args.candidates == "all" else (DEFAULT,),
             args.strip, args.adaptive_weights, args.adaptive_steps,
-            [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT], args.seed)
+            [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT],
+            args.density_images, args.seed)
     except (ClipGuardError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

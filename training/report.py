@@ -250,7 +250,7 @@ def detect(run: Run, settings: ReportSettings, force: bool = False, threads: Opt
         result = run_detection(str(out / ARTIFACT), settings.zoo / run.model, settings.data,
                                settings.detection_images, (DEFAULT_ALERT,), (STRIP_OVERLAYS,),
                                (settings.adaptive_weight,) if adaptive else (), settings.adaptive_steps,
-                               seed=settings.seed)
+                               density_images=0, seed=settings.seed)
         record = {"settings": wanted, "reused": False, "asr": result["asr"],
                   "alert": _detection_figures(next(iter(result["candidates"].values()))),
                   "strip": _detection_figures(result["strip"][f"strip-{STRIP_OVERLAYS}"]),
