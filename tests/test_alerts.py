@@ -258,14 +258,18 @@ def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
     candidates = (detection.DEFAULT, AlertConfig(("hflip",), "pr"))
     result = detection.evaluate_detection(model, preprocess, images, labels, backdoor, candidates,
                                           overlays=images[:3], strip_counts=(2,), attack_images=images[:8],
-                                          adaptive_weights=(1.0,), adaptive_steps=2, calibration=(images, labels))
+                                          adaptive_weights=(1.0,), adaptive_steps=2, calibration=(images, labels),
+                                          density_adaptive_weights=(0.5,))
     assert result["n_clean"] == 24 and result["n_triggered"] == 18
     assert set(result["candidates"]) == {"pr_terms[open3,median3]", "pr[hflip]"}
     default = result["candidates"]["pr_terms[open3,median3]"]
     assert default["default"] and default["passes"] == 3 and 0.0 <= default["auroc"] <= 1.0
     assert result["strip"]["strip-2"]["passes"] == 3
-    (adaptive,) = result["adaptive"]
+    adaptive, *against_density = result["adaptive"]
     assert adaptive["alert"] == "pr_terms[open3,median3]" and 0.0 <= adaptive["evade@1"] <= 1.0
+    assert [(entry["alert"], entry["weight"], entry["passes"]) for entry in against_density] == [
+        ("feature density, served tower", 0.5, 1), ("feature density, frozen tower", 0.5, 2)]
+    assert all(0.0 <= entry["evade@1"] <= 1.0 for entry in against_density)
     assert set(result["frozen_tower"]) == {"disagreement", "pr_terms[open3,median3]+frozen tower"}
     assert result["frozen_tower"]["disagreement"]["passes"] == 2
     assert result["frozen_tower"]["pr_terms[open3,median3]+frozen tower"]["passes"] == 4
@@ -370,8 +374,8 @@ def test_adaptive_attacker_reoptimises_any_trigger_within_its_bounds(tiny_artifa
     model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     backdoor = Backdoor(trigger, 1, CLASSES[1])
-    adapted = detection.adaptive_trigger(model, preprocess, backdoor, images, detection.DEFAULT, weight=1.0,
-                                         steps=15, batch_size=16)
+    objective = detection.alert_objective(model, preprocess, detection.DEFAULT)
+    adapted = detection.adaptive_trigger(backdoor, images, objective, weight=1.0, steps=15, batch_size=16)
     assert type(adapted) is type(trigger) and adapted.params() == trigger.params()
     (name, before), = trigger.tensors().items()
     after = adapted.tensors()[name]
@@ -385,11 +389,33 @@ def test_adaptive_attacker_reoptimises_any_trigger_within_its_bounds(tiny_artifa
         < _adaptive_objective(model, preprocess, trigger, images, 1, 1.0)
 
 
+def test_adaptive_attacker_against_the_feature_density_lowers_its_objective(tiny_artifact):
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    generator = torch.Generator().manual_seed(4)
+    calibration, images = torch.rand(30, 3, 32, 32, generator=generator), torch.rand(16, 3, 32, 32, generator=generator)
+    tokens = detection.class_tokens_of(model, preprocess, calibration)
+    density = detection.ClassDensity.fit(tokens, torch.arange(30) % len(CLASSES), len(CLASSES))
+    objective = detection.density_objective(model, preprocess, density, frozen=False, threshold=2.0)
+    with torch.no_grad():
+        logits, scores = objective(images)
+    torch.testing.assert_close(scores, density.score(detection.class_tokens_of(model, preprocess, images)) / 2.0)
+    torch.testing.assert_close(logits, model(preprocess.normalize(images))[0])
+    backdoor = Backdoor(BadNet(32, seed=0), 1, CLASSES[1])
+    adapted = detection.adaptive_trigger(backdoor, images, objective, weight=1.0, steps=15, batch_size=16)
+    target = torch.full((16,), 1)
+
+    def attacker_loss(trigger):
+        with torch.no_grad():
+            logits, scores = objective(trigger(images))
+        return (F.cross_entropy(logits, target) + scores.mean()).item()
+    assert attacker_loss(adapted) < attacker_loss(backdoor.trigger)
+
+
 def test_adaptive_attacker_needs_a_trigger_with_tensors(tiny_artifact):
     model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
     with pytest.raises(InputError, match="has none"):
-        detection.adaptive_trigger(model, preprocess, Backdoor(SIG(32), 0, CLASSES[0]), torch.rand(4, 3, 32, 32),
-                                   detection.DEFAULT, weight=1.0, steps=1)
+        detection.adaptive_trigger(Backdoor(SIG(32), 0, CLASSES[0]), torch.rand(4, 3, 32, 32),
+                                   detection.alert_objective(model, preprocess, detection.DEFAULT), weight=1.0, steps=1)
 
 
 def test_cli_on_an_image_folder(tiny_artifact, tmp_path):

@@ -33,6 +33,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -158,9 +159,9 @@ def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor,
 
 # --- feature density ---------------------------------------------------------------------
 
-# Covariance shrinkage towards (shrinkage x mean variance) x I. On zoo/wanet's last class
-# token (5,000 calibration images) 0.001 / 0.01 / 0.1 / 0.3 / 1 gave AUROC 0.969 / 0.970 /
-# 0.976 / 0.975 / 0.969 (docs/detection.md); it also keeps the inverse stable for few images.
+# Covariance shrinkage towards (shrinkage x mean variance) x I; it also keeps the inverse
+# stable for few images. Over 0.001 to 1 on the undefended zoo models (docs/detection.md)
+# 0.1 is near the best for WaNet (AUROC 0.979) and costs SIG and Blended little.
 DENSITY_SHRINKAGE = 0.1
 
 
@@ -212,6 +213,14 @@ class ClassDensity:
         return torch.cat(scores).float()
 
 
+def density_scores_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, density: ClassDensity,
+                      frozen: bool = False, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature-density scores [N], the served model's logits [N, C]) for resized images."""
+    with torch.no_grad():
+        logits = torch.cat([model(preprocess.normalize(batch))[0].float() for batch in images.split(batch_size)])
+    return density.score(class_tokens_of(model, preprocess, images, frozen, batch_size)), logits
+
+
 def class_tokens_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool = False,
                     batch_size: int = 256) -> torch.Tensor:
     """[N, D] last-block class tokens of resized images, through the model's prompts or
@@ -224,15 +233,39 @@ def class_tokens_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.T
 
 # --- adaptive attacker -----------------------------------------------------------------
 
-def adaptive_trigger(model: torch.nn.Module, preprocess: Preprocess, backdoor: Backdoor, images: torch.Tensor,
-                     config: AlertConfig, weight: float, steps: int = 100, batch_size: int = 128,
-                     lr: float = 0.05, seed: int = 0) -> Trigger:
+# What the attacker evaluates on a batch of resized triggered images: (logits [B, C] of the
+# images themselves, the detector's score [B]), differentiable in the images.
+Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def alert_objective(model: torch.nn.Module, preprocess: Preprocess, config: AlertConfig) -> Objective:
+    """The alert's scores, from one forward call over the image and its perturbed copies."""
+    def objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, embedding = model(preprocess.normalize(expand_batch(images, config)))
+        return logits[:len(images)], alert_scores(logits, embedding, len(images), config)
+    return objective
+
+
+def density_objective(model: PromptedCLIP, preprocess: Preprocess, density: ClassDensity, frozen: bool,
+                      threshold: float) -> Objective:
+    """The feature density on the served (or frozen) tower, in units of its clean threshold:
+    above 1 is flagged, whatever the feature width."""
+    def objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normalized = preprocess.normalize(images)
+        tokens = model.encoder.final_class_token(normalized, None if frozen else model.prompts)
+        return model(normalized)[0], density.score(tokens) / threshold
+    return objective
+
+
+def adaptive_trigger(backdoor: Backdoor, images: torch.Tensor, objective: Objective, weight: float,
+                     steps: int = 100, batch_size: int = 128, lr: float = 0.05, seed: int = 0) -> Trigger:
     """The backdoor's own trigger with its tensors (a patch or blend pattern, a warp field)
-    re-optimised by Adam to minimise CE(target) + weight * mean alert score on `images`
-    (resized, not of the target class). Everything else about the trigger (kind, place,
-    size, blend weight, warp strength) stays, and so do its bounds: patterns stay in [0, 1],
-    a warp field within its original largest offset, so the trigger is no stronger than
-    the one the model was poisoned with."""
+    re-optimised by Adam to minimise CE(target) + weight * mean detector score on `images`
+    (resized, not of the target class), both from `objective` (alert_objective,
+    density_objective; the model's parameters must not require gradients). Everything else
+    about the trigger (kind, place, size, blend weight, warp strength) stays, and so do its
+    bounds: patterns stay in [0, 1], a warp field within its original largest offset, so the
+    trigger is no stronger than the one the model was poisoned with."""
     trigger = backdoor.trigger
     start = trigger.tensors()
     if not start:
@@ -244,13 +277,10 @@ def adaptive_trigger(model: torch.nn.Module, preprocess: Preprocess, backdoor: B
     optimizer = torch.optim.Adam(list(variables.values()), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     target = torch.full((batch_size,), backdoor.target, dtype=torch.long)
-    model.requires_grad_(False)
     for _ in range(steps):
         batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
-        triggered = type(trigger)(**trigger.params(), **variables)(batch)
-        logits, embedding = model(preprocess.normalize(expand_batch(triggered, config)))
-        loss = F.cross_entropy(logits[:batch_size], target) \
-            + weight * alert_scores(logits, embedding, batch_size, config).mean()
+        logits, scores = objective(type(trigger)(**trigger.params(), **variables)(batch))
+        loss = F.cross_entropy(logits, target) + weight * scores.mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -267,13 +297,15 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
                        overlays: Optional[torch.Tensor] = None, strip_counts: Sequence[int] = (2, 8),
                        attack_images: Optional[torch.Tensor] = None, adaptive_weights: Sequence[float] = (),
                        adaptive_steps: int = 100, adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,),
-                       calibration: Optional[tuple[torch.Tensor, torch.Tensor]] = None, seed: int = 0) -> dict:
+                       calibration: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                       density_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
     """Detection results for uint8 test images [N, C, H, W] with labels [N] on `model`
     (a module returning (logits, embedding)). overlays: uint8 clean held-out images for
     STRIP; attack_images: uint8 images the adaptive attacker trains on (not the test set),
     once per alert in adaptive_alerts and weight in adaptive_weights; calibration: uint8
     clean held-out images and their labels that the feature density is fitted on (a
-    PromptedCLIP model only).
+    PromptedCLIP model only), attacked once per tower and weight in density_adaptive_weights
+    (weights on the score over its clean 1 % FPR threshold).
     Every candidate's scores are stored under "scores" for plots (clean, triggered lists)."""
     model.eval()
     forward: Forward = model
@@ -312,19 +344,19 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
             result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
 
     result["density"] = {}
+    densities = {}  # name -> (ClassDensity, frozen tower?, clean scores), for the adaptive attacker
     if calibration is not None and isinstance(model, PromptedCLIP):
-        with torch.no_grad():
-            trig_logits = forward(preprocess.normalize(triggered))[0].float()
         calibration_images = preprocess.resize(calibration[0])
         towers = {"served tower": False, "frozen tower": True} if model.prompts is not None else {"served tower": False}
         for tower, frozen in towers.items():
             density = ClassDensity.fit(class_tokens_of(model, preprocess, calibration_images, frozen),
                                        calibration[1], model.text_features.shape[0])
-            clean_scores = density.score(class_tokens_of(model, preprocess, clean, frozen))
-            trig_scores = density.score(class_tokens_of(model, preprocess, triggered, frozen))
+            clean_scores, _ = density_scores_of(model, preprocess, clean, density, frozen)
+            trig_scores, trig_logits = density_scores_of(model, preprocess, triggered, density, frozen)
             name = f"feature density, {tower}"
             result["density"][name] = measure(clean_scores, trig_scores, trig_logits, 2 if frozen else 1)
             result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
+            densities[name] = density, frozen, clean_scores
 
     if overlays is not None:
         overlay_images = preprocess.resize(overlays)
@@ -336,22 +368,35 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
                                                         strip_scores(forward, preprocess, triggered, chosen),
                                                         trig_logits, 1 + count)
 
-    if adaptive_weights and (attack_images is None or not len(attack_images)):
+    attacks_density = bool(densities and density_adaptive_weights)
+    if (adaptive_weights or attacks_density) and (attack_images is None or not len(attack_images)):
         log.warning("no images for the adaptive attacker to train on; it is skipped")
-    elif adaptive_weights:
+    elif adaptive_weights or attacks_density:
+        model.requires_grad_(False)  # only the trigger learns
         train = preprocess.resize(attack_images)
-        for config, weight in [(config, weight) for config in adaptive_alerts for weight in adaptive_weights]:
-            if config not in clean_scores_of:
-                clean_scores_of[config] = alert_scores_of(forward, preprocess, clean, config)[0]
-            clean_scores = clean_scores_of[config]
-            trigger = adaptive_trigger(model, preprocess, backdoor, train, config, weight, adaptive_steps, seed=seed)
-            scores, logits = alert_scores_of(forward, preprocess, trigger(clean[others]), config)
-            entry = measure(clean_scores, scores, logits, 1 + config.num_perturbations,
-                            {"alert": config_name(config), "weight": weight})
+
+        def attack(detector: str, objective: Objective, scorer: Callable, clean_scores: torch.Tensor, passes: int,
+                   weight: float) -> None:
+            trigger = adaptive_trigger(backdoor, train, objective, weight, adaptive_steps, seed=seed)
+            scores, logits = scorer(trigger(clean[others]))
+            entry = measure(clean_scores, scores, logits, passes, {"alert": detector, "weight": weight})
             hit = logits.argmax(-1) == backdoor.target
             entry["evade@1"] = (hit & (scores <= calibrate_threshold(clean_scores, 0.01))).double().mean().item()
             result["adaptive"].append(entry)
-            result["scores"][f"adaptive {config_name(config)} w={weight:g}"] = (clean_scores.tolist(), scores.tolist())
+            result["scores"][f"adaptive {detector} w={weight:g}"] = (clean_scores.tolist(), scores.tolist())
+
+        for config in adaptive_alerts if adaptive_weights else ():
+            if config not in clean_scores_of:
+                clean_scores_of[config] = alert_scores_of(forward, preprocess, clean, config)[0]
+            for weight in adaptive_weights:
+                attack(config_name(config), alert_objective(model, preprocess, config),
+                       partial(alert_scores_of, forward, preprocess, config=config), clean_scores_of[config],
+                       1 + config.num_perturbations, weight)
+        for name, (density, frozen, clean_scores) in densities.items():
+            objective = density_objective(model, preprocess, density, frozen, calibrate_threshold(clean_scores, 0.01))
+            for weight in density_adaptive_weights:
+                attack(name, objective, partial(density_scores_of, model, preprocess, density=density, frozen=frozen),
+                       clean_scores, 2 if frozen else 1, weight)
     return result
 
 
@@ -411,7 +456,7 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
                   candidates: Sequence[AlertConfig] = CANDIDATES, strip_counts: Sequence[int] = (2, 8),
                   adaptive_weights: Sequence[float] = (), adaptive_steps: int = 100,
                   adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,), density_images: int = 2000,
-                  seed: int = 0) -> dict:
+                  density_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
     """evaluate_detection on `images` seeded test images of `data` for a purified artifact or
     CLIP directory `model` and the trigger recorded with `attack`; STRIP overlays and the
     adaptive attacker's images come from one seeded order of the training split, the
@@ -437,7 +482,7 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
                                 candidates, overlays if strip_counts else None, strip_counts,
                                 train.images[attack_pool], adaptive_weights, adaptive_steps, adaptive_alerts,
                                 (train.images[calibration], train.labels[calibration]) if density_images else None,
-                                seed)
+                                density_adaptive_weights, seed)
     result.update(model=str(model), attack=str(attack), data=data, seed=seed)
     return result
 
@@ -471,6 +516,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "default: the default alert)")
     parser.add_argument("--density-images", type=int, default=2000,
                         help="clean training images the feature density is fitted on (0 skips it)")
+    parser.add_argument("--density-adaptive-weights", type=_number_list(float), default="",
+                        help="weights of the adaptive attacker against the feature density, on its score over "
+                             "the clean 1 %% FPR threshold, comma-separated (default '': none)")
     parser.add_argument("--json", type=Path, help="write the results (scores included) here")
     parser.add_argument("--plot", type=Path, help="write score histograms here (.png)")
     parser.add_argument("--seed", type=int, default=0)
@@ -481,7 +529,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model, args.attack, args.data, args.images, CANDIDATES if args.candidates == "all" else (DEFAULT,),
             args.strip, args.adaptive_weights, args.adaptive_steps,
             [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT],
-            args.density_images, args.seed)
+            args.density_images, args.density_adaptive_weights, args.seed)
     except (ClipGuardError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
