@@ -133,6 +133,10 @@ PERTURBATIONS = {
     FROZEN_TOWER: (None, None, lambda x, v, i: x),
 }
 
+# Not a function of the views' outputs: the feature density (guard.density) of the image's
+# last class token, or with the 'frozen' view of the frozen tower's; fitted when calibrating.
+DENSITY = "density"
+
 # name -> score(ch, cz, kl); ch, cz: mean cosines of embeddings and logits; kl: mean KL.
 STATISTICS = {
     "pr_terms": lambda ch, cz, kl: (1 - ch) + (1 - cz),
@@ -169,8 +173,9 @@ def _parse(spec) -> tuple[str, object]:
 class AlertConfig:
     """perturbations: K >= 1 specs 'name' or 'name:value' (see PERTURBATIONS), one extra
     forward pass each; 'frozen' (last) is the image itself through the frozen tower.
-    statistic: a key of STATISTICS. threshold: scores above it alert (calibrate it on
-    clean images with `calibrate_threshold`); None means not calibrated."""
+    statistic: a key of STATISTICS, or DENSITY with no perturbation (the served tower's
+    class token) or only 'frozen' (the frozen tower's). threshold: scores above it alert
+    (calibrate it on clean images with `calibrate_threshold`); None means not calibrated."""
     perturbations: tuple[str, ...] = ("open:3", "median:3")
     statistic: str = "pr_terms"
     threshold: Optional[float] = None
@@ -178,15 +183,18 @@ class AlertConfig:
     def __post_init__(self):
         if isinstance(self.perturbations, str) or not isinstance(self.perturbations, (tuple, list)):
             raise InputError(f"perturbations must be a list of specs such as ['median:3'], got {self.perturbations!r}")
-        if not self.perturbations:
-            raise InputError("an alert needs at least one perturbation")
         for spec in self.perturbations:
             _parse(spec)
         if FROZEN_TOWER in self.perturbations[:-1]:
             raise InputError(f"the {FROZEN_TOWER!r} view must be the last perturbation, got {list(self.perturbations)}")
         object.__setattr__(self, "perturbations", tuple(self.perturbations))
-        if not isinstance(self.statistic, str) or self.statistic not in STATISTICS:
-            raise InputError(f"unknown statistic {self.statistic!r}; known: {sorted(STATISTICS)}")
+        if not isinstance(self.statistic, str) or self.statistic not in (*STATISTICS, DENSITY):
+            raise InputError(f"unknown statistic {self.statistic!r}; known: {sorted((*STATISTICS, DENSITY))}")
+        if self.statistic == DENSITY and self.perturbations not in ((), (FROZEN_TOWER,)):
+            raise InputError(f"the {DENSITY!r} statistic takes no perturbation (the served tower) or only "
+                             f"{FROZEN_TOWER!r} (the frozen tower), got {list(self.perturbations)}")
+        if self.statistic != DENSITY and not self.perturbations:
+            raise InputError("an alert needs at least one perturbation")
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                     or not math.isfinite(self.threshold):
@@ -199,7 +207,12 @@ class AlertConfig:
 
     @property
     def uses_frozen_tower(self) -> bool:
-        return self.perturbations[-1] == FROZEN_TOWER
+        return self.perturbations[-1:] == (FROZEN_TOWER,)
+
+    @property
+    def needs_torch_backend(self) -> bool:
+        """The frozen-tower view and the class token are served by the torch backend only."""
+        return self.uses_frozen_tower or self.statistic == DENSITY
 
     def to_dict(self) -> dict:
         return {"perturbations": list(self.perturbations), "statistic": self.statistic, "threshold": self.threshold}
@@ -253,6 +266,8 @@ def alert_scores(logits: torch.Tensor, embedding: torch.Tensor, n_images: int,
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise InputError(f"{name} must be 2-D with {n_images} x {copies} = {n_images * copies} rows "
                              f"(images x (1 + perturbations)), got {got}")
+    if config.statistic == DENSITY:
+        raise InputError(f"the {DENSITY!r} statistic scores class tokens: use density_scores")
     if n_images == 0:
         return torch.empty(0)
     z = logits.float().reshape(copies, n_images, -1)
@@ -264,6 +279,19 @@ def alert_scores(logits: torch.Tensor, embedding: torch.Tensor, n_images: int,
         logp = z.log_softmax(-1)
         kl = (logp[:1].exp() * (logp[:1] - logp[1:])).sum(-1).mean(0)
     return STATISTICS[config.statistic](ch, cz, kl)
+
+
+def density_scores(class_tokens: torch.Tensor, n_images: int, config: AlertConfig, density) -> torch.Tensor:
+    """Scores [N] of the DENSITY statistic from the last-block class tokens of `expand_batch`'s
+    N * (1 + K) rows: the image's own row, or with the 'frozen' view the frozen tower's row.
+    density: the guard.density.ClassDensity fitted when calibrating."""
+    copies = 1 + config.num_perturbations
+    if config.statistic != DENSITY:
+        raise InputError(f"density_scores serves the {DENSITY!r} statistic, not {config.statistic!r}")
+    if not isinstance(class_tokens, torch.Tensor) or class_tokens.ndim != 2 \
+            or len(class_tokens) != n_images * copies:
+        raise InputError(f"class_tokens must be 2-D with {n_images} x {copies} rows")
+    return density.score(class_tokens[n_images * (copies - 1):])
 
 
 def calibrate_threshold(clean_scores: torch.Tensor, fpr: float = 0.01) -> float:

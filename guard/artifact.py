@@ -4,6 +4,8 @@
     visual.safetensors             the frozen image tower of the base model
     prompts.safetensors            learned RVPT prompts ("visual_prompts": [blocks, tokens, width])
     class_embeddings.safetensors   constant class text embeddings and the logit scale
+    alert_density.safetensors      only when calibrated with the "density" alert statistic:
+                                   the feature density's class means and precision
 
 Every file's sha256 is in the manifest, and the manifest carries the sha256 of its
 own canonical JSON, so a flipped byte anywhere is caught when the artifact loads.
@@ -29,6 +31,7 @@ CHECKSUM_KEY = "manifest_sha256"
 VISUAL_FILE = "visual.safetensors"
 PROMPTS_FILE = "prompts.safetensors"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
+DENSITY_FILE = "alert_density.safetensors"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Artifact:
     visual_prompts: Optional[torch.Tensor]
     text_features: torch.Tensor
     logit_scale: float
+    alert_density: Optional[dict] = None  # DENSITY_FILE's tensors (guard.density.ClassDensity.from_tensors)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -132,4 +136,4 @@ def load_artifact(path: str | Path) -> Artifact:
     embeddings = tensors[CLASS_EMBEDDINGS_FILE]
     prompts = tensors.get(PROMPTS_FILE, {}).get("visual_prompts")
     return Artifact(directory, manifest, tensors[VISUAL_FILE], prompts,
-                    embeddings["text_features"], float(embeddings["logit_scale"]))
+                    embeddings["text_features"], float(embeddings["logit_scale"]), tensors.get(DENSITY_FILE))

@@ -28,7 +28,9 @@ class Backend:
     """Runs the compiled or eager forward pass. Subclasses set `name` and implement run."""
     name = "backend"
     max_batch: Optional[int] = None  # the largest batch one run accepts; None: any
-    serves_frozen_tower = False  # compiled graphs have the prompts folded in for every row
+    # the frozen-tower view and the class token: compiled graphs have the prompts folded into
+    # every row and return only the logits and the embedding
+    serves_tower_internals = False
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -44,23 +46,24 @@ class Backend:
         """Release the engine. The default keeps nothing beyond Python references."""
 
 
-def _outputs_to_cpu(logits, embedding) -> tuple[torch.Tensor, torch.Tensor]:
-    return logits.float().cpu(), embedding.float().cpu()
+def _outputs_to_cpu(*outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(output.float().cpu() for output in outputs)
 
 
 class TorchBackend(Backend):
     """A PromptedCLIP or its folded form (what guard.load builds from an artifact): both
-    return (logits, embedding) and run `frozen_rows` last rows through the frozen tower."""
+    return (logits, embedding), run `frozen_rows` last rows through the frozen tower and,
+    with class_token, also return the last block's class token (the feature density's input)."""
     name = "torch"
-    serves_frozen_tower = True
+    serves_tower_internals = True
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         super().__init__(device)
         self.model = model
 
-    def run(self, images, frozen_rows: int = 0):
+    def run(self, images, frozen_rows: int = 0, class_token: bool = False):
         with torch.inference_mode():
-            return _outputs_to_cpu(*self.model(images.to(self.device), frozen_rows))
+            return _outputs_to_cpu(*self.model(images.to(self.device), frozen_rows, class_token))
 
     def describe(self) -> dict:
         return {**super().describe(), "fused_attention": bool(getattr(self.model, "fused", False))}

@@ -7,6 +7,11 @@ scores the clean images with the model's alert (guard.alerts), sets the threshol
 the calibration statistics in the model's manifest (artifact directory) or sidecar
 (compiled file), re-sealed. From then on every `classify` result says whether its input
 alerts; before, results say "uncalibrated". `python -m guard calibrate` is the CLI.
+
+The "density" statistic (artifact directories only) first fits the feature density
+(guard.density) on the same clean images, labelled by the model's own predictions (no
+labels needed: docs/detection.md measured the difference as small), and stores it in the
+artifact as DENSITY_FILE.
 """
 from __future__ import annotations
 
@@ -19,19 +24,22 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import __version__, artifact, sidecar
-from .alerts import AlertConfig, calibrate_threshold
+from .alerts import DENSITY, AlertConfig, calibrate_threshold
+from .density import ClassDensity
 from .errors import InputError
 from .runtime import load, model_kind
-from .sealed import write_sealed
+from .sealed import file_records, write_sealed
 
 
 def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: str = "", backend: str = "auto",
               device=None, config: Optional[AlertConfig] = None, batch_size: int = 64,
-              progress: Optional[Callable[[int, int], None]] = None) -> dict:
+              progress: Optional[Callable[[int, int], None]] = None, labels: Optional[Sequence[int]] = None) -> dict:
     """Score clean `images` (anything Guard.classify takes), store the threshold; returns the
     calibration record. config: the alert to calibrate (default: the model's own perturbations
     and statistic). data: a description of the images for the record. progress(done, total)
-    is called after every batch. Nothing is written when any image fails."""
+    is called after every batch. labels: the images' class indices, which the "density"
+    statistic fits on (default: the model's predictions). Nothing is written when any image
+    fails."""
     path = Path(path)
     images = list(images)
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 < fpr < 1.0:
@@ -40,9 +48,16 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
     needed = math.ceil(1.0 / fpr)
     if len(images) < needed:
         raise InputError(f"calibrating at fpr {fpr} needs at least {needed} clean images, got {len(images)}")
+    density = None
     with load(path, backend=backend, device=device) as model:
         config = dataclasses.replace(config or model.alert_config, threshold=None)
-        scores = model.alert_scores(images, batch_size, config, progress).double()
+        if config.statistic == DENSITY:
+            # the image's rows are what a served density score reads: same class tokens, same scores
+            logits, tokens = model.class_tokens(images, batch_size, config.uses_frozen_tower, progress)
+            density = ClassDensity.fit(tokens, _density_labels(labels, logits), len(model.classes))
+            scores = density.score(tokens).double()
+        else:
+            scores = model.alert_scores(images, batch_size, config, progress).double()
         measured_on = {"backend": model.backend, "device": str(model.device),
                        "precision": model.manifest.get("precision", "fp32")}
     threshold = calibrate_threshold(scores, fpr)
@@ -60,8 +75,22 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
         "clip_guard_version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    store_alert(path, dataclasses.replace(config, threshold=threshold), record)
+    store_alert(path, dataclasses.replace(config, threshold=threshold), record, density)
     return record
+
+
+def _density_labels(labels: Optional[Sequence[int]], logits: torch.Tensor) -> torch.Tensor:
+    if labels is None:
+        predicted = logits.argmax(-1)
+        missing = (torch.bincount(predicted, minlength=logits.shape[1]) == 0).nonzero().flatten().tolist()
+        if missing:
+            raise InputError(f"the model predicts none of the calibration images as classes {missing}; the feature "
+                             "density needs clean images of every class: add some, or pass their labels")
+        return predicted
+    labels = torch.as_tensor(list(labels))
+    if labels.shape != (len(logits),) or labels.is_floating_point():
+        raise InputError(f"labels must be {len(logits)} class indices, one per image, got shape {tuple(labels.shape)}")
+    return labels
 
 
 def model_document(path: str | Path) -> tuple[dict, Path, str]:
@@ -73,11 +102,30 @@ def model_document(path: str | Path) -> tuple[dict, Path, str]:
     return sidecar.read_sidecar(path, kind), sidecar.sidecar_path(path), sidecar.CHECKSUM_KEY
 
 
-def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dict]) -> Path:
+def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dict],
+                density: Optional[ClassDensity] = None) -> Path:
     """Write the alert config and its calibration record into the model's manifest or sidecar
-    (checked first, then re-sealed and replaced atomically); returns the file written."""
+    (checked first, then re-sealed and replaced atomically); returns the file written.
+    density: the feature density of a DENSITY alert, written into an artifact directory as
+    DENSITY_FILE and listed with its checksum; any other alert drops an earlier one."""
+    from safetensors.torch import save_file
+
     document, document_path, checksum_key = model_document(path)
+    if (config.statistic == DENSITY) != (density is not None):
+        raise InputError(f"the {DENSITY!r} alert statistic and a fitted feature density go together")
+    directory = Path(path)
+    is_artifact = model_kind(directory)[0] == "artifact"
+    if density is not None and not is_artifact:
+        raise InputError(f"{path} is compiled; the {DENSITY!r} statistic is served from artifact directories only")
+    if density is not None:
+        save_file({name: tensor.cpu() for name, tensor in density.to_tensors().items()},
+                  directory / artifact.DENSITY_FILE)
+        document["files"].update(file_records(directory, [artifact.DENSITY_FILE]))
+    elif is_artifact and artifact.DENSITY_FILE in document["files"]:
+        del document["files"][artifact.DENSITY_FILE]
     document["alert"] = config.to_dict()
     document["alert_calibration"] = calibration
     write_sealed(document_path, document, checksum_key)
+    if is_artifact and density is None and (directory / artifact.DENSITY_FILE).is_file():
+        (directory / artifact.DENSITY_FILE).unlink()  # no longer listed: nothing to verify it against
     return document_path

@@ -23,6 +23,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 from . import __version__
 from .errors import (
@@ -320,7 +321,7 @@ def format_inspection(summary: dict) -> str:
 
 def _describe_alert(alert, calibration) -> str:
     alert = alert if isinstance(alert, dict) else {}
-    perturbations = ", ".join(map(str, alert.get("perturbations") or ("open:3", "median:3")))
+    perturbations = ", ".join(map(str, alert.get("perturbations", ("open:3", "median:3")) or ())) or "the image"
     method = f"{alert.get('statistic', 'pr_terms')} over {perturbations}"
     if alert.get("threshold") is None:
         return f"{method}; NOT CALIBRATED (run `python -m guard calibrate`)"
@@ -387,7 +388,9 @@ def add_calibrate(commands) -> None:
     parser.add_argument("--perturbations", default=None, metavar="P1,P2",
                         help="recalibrate with these perturbations, e.g. open:3,median:3; a last 'frozen' adds "
                         "the frozen-tower view (artifacts only) (default: the model's)")
-    parser.add_argument("--statistic", default=None, help="recalibrate with this statistic (default: the model's)")
+    parser.add_argument("--statistic", default=None,
+                        help="recalibrate with this statistic (default: the model's); 'density' (artifacts only) "
+                        "fits the feature density on the images and takes no perturbation, or only 'frozen'")
     parser.add_argument("--backend", default="auto", metavar="B", help="auto (default), torch, onnxruntime, ...")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
@@ -396,7 +399,7 @@ def add_calibrate(commands) -> None:
 
 
 def run_calibrate(args) -> int:
-    from .alerts import AlertConfig
+    from .alerts import DENSITY, AlertConfig
     from .calibration import calibrate, model_document
     from .runtime import alert_config_of
 
@@ -409,12 +412,19 @@ def run_calibrate(args) -> int:
     current = alert_config_of(model_document(args.model)[0])
     config = None
     if args.perturbations is not None or args.statistic is not None:
-        config = AlertConfig(tuple(args.perturbations.split(",")) if args.perturbations else current.perturbations,
-                             args.statistic or current.statistic)
-    images, description = calibration_images(args.data, args.split, args.limit, args.seed)
+        statistic = args.statistic or current.statistic
+        if args.perturbations is not None:
+            perturbations = tuple(args.perturbations.split(",")) if args.perturbations else ()
+        else:  # the density takes no perturbation unless asked; the others keep the model's
+            perturbations = () if statistic == DENSITY else current.perturbations
+        config = AlertConfig(perturbations, statistic)
+    images, description, labelled = calibration_images(args.data, args.split, args.limit, args.seed)
+    # the feature density fits on true labels where the data has them in the model's classes
+    model_classes = tuple(model_document(args.model)[0]["classes"])
+    labels = labelled[1] if labelled is not None and labelled[0] == model_classes else None
     log.info("calibrating %s on %d images of %s", args.model, len(images), description)
     record = calibrate(args.model, images, args.fpr, data=description, backend=args.backend, device=args.device,
-                       config=config, batch_size=args.batch_size, progress=_progress)
+                       config=config, batch_size=args.batch_size, progress=_progress, labels=labels)
     if args.json:
         emit(json.dumps(record, indent=2))
     else:
@@ -423,9 +433,10 @@ def run_calibrate(args) -> int:
     return EXIT_OK
 
 
-def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[list, str]:
-    """(images Guard.classify takes, a description) for --data: a directory of image files
-    or a built-in data set; at most `limit`, a seeded random choice when there are more."""
+def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[list, str, Optional[tuple]]:
+    """(images Guard.classify takes, a description, (class names, labels) or None) for --data:
+    a directory of image files (no labels) or a built-in data set; at most `limit`, a seeded
+    random choice when there are more."""
     import torch
 
     from .errors import DataError, MissingDependencyError
@@ -437,10 +448,11 @@ def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[li
         except ImportError as error:
             raise MissingDependencyError(f"--data {data} needs the training package and its extra: "
                                          f"pip install 'clip-guard[training]' ({error})") from error
-        images = list(load_dataset(data, split).images)
+        dataset = load_dataset(data, split)
+        images, labels = list(dataset.images), (tuple(dataset.classes), dataset.labels.tolist())
         description = f"{data} {split}"
     elif Path(data).is_dir():
-        images = [str(file) for file in image_files(Path(data))]
+        images, labels = [str(file) for file in image_files(Path(data))], None
         if not images:
             raise DataError(f"{data} holds no image files (any format Pillow reads)")
         description = str(data)
@@ -449,8 +461,10 @@ def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[li
     if len(images) > limit:
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
         images = [images[index] for index in sorted(chosen.tolist())]
+        if labels is not None:
+            labels = (labels[0], [labels[1][index] for index in sorted(chosen.tolist())])
         description += f", {limit} images chosen with seed {seed}"
-    return images, description
+    return images, description, labels
 
 
 def _progress(done: int, total: int) -> None:

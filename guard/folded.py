@@ -131,10 +131,11 @@ class FoldedCLIP(nn.Module):
     def num_folded_blocks(self) -> int:
         return sum(isinstance(block, FoldedBlock) for block in self.blocks)
 
-    def forward(self, images: torch.Tensor, frozen_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [N, C], image embedding [N, E]). The last `frozen_rows` images run
-        through the frozen tower: their tokens skip the prompts' keys and values, which is
-        exactly the base model's attention (the alert's frozen-tower view)."""
+    def forward(self, images: torch.Tensor, frozen_rows: int = 0, class_token: bool = False) -> tuple:
+        """Returns (logits [N, C], image embedding [N, E]), and with class_token the last
+        block's class token [N, D] third. The last `frozen_rows` images run through the
+        frozen tower: their tokens skip the prompts' keys and values, which is exactly the
+        base model's attention (the alert's frozen-tower view)."""
         tokens = self.encoder.embed(images)
         for block in self.blocks:
             if frozen_rows and isinstance(block, FoldedBlock):  # (no len(images) here: export keeps N dynamic)
@@ -142,7 +143,8 @@ class FoldedCLIP(nn.Module):
             else:
                 tokens = block(tokens)
         embedding = self.encoder.head(tokens)
-        return class_logits(embedding, self.text_features, self.logit_scale), embedding
+        return (class_logits(embedding, self.text_features, self.logit_scale), embedding) \
+            + ((tokens[:, 0],) if class_token else ())
 
 
 def fold(model: PromptedCLIP, fused: bool | None = False) -> FoldedCLIP:

@@ -136,17 +136,20 @@ class PromptedVisionEncoder(nn.Module):
         return pooled
 
     def forward(self, images: torch.Tensor, prompts: Optional[VisualPrompts] = None) -> VisionFeatures:
-        tokens, class_tokens = self._tokens(images, prompts)
+        tokens, class_tokens = self._run_all(images, prompts)
         return VisionFeatures(self.head(tokens), _stack_class_tokens(class_tokens, tokens))
 
-    def final_class_token(self, images: torch.Tensor, prompts: Optional[VisualPrompts] = None) -> torch.Tensor:
-        """[N, D] class token at the output of the last block, before ln_post (what the
-        feature-density signal of training.detection models)."""
-        tokens, _ = self._tokens(images, prompts)
-        return tokens[:, 0]
+    def last_tokens(self, images: torch.Tensor, prompts: Optional[VisualPrompts] = None) -> torch.Tensor:
+        """[N, 1 + T, D] tokens at the output of the last block, before ln_post."""
+        return self._run_all(images, prompts)[0]
 
-    def _tokens(self, images: torch.Tensor, prompts: Optional[VisualPrompts]
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def final_class_token(self, images: torch.Tensor, prompts: Optional[VisualPrompts] = None) -> torch.Tensor:
+        """[N, D] class token at the output of the last block, before ln_post (the input of
+        the feature density, guard.density)."""
+        return self.last_tokens(images, prompts)[:, 0]
+
+    def _run_all(self, images: torch.Tensor, prompts: Optional[VisualPrompts]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The last block's tokens and the class tokens of the prompted blocks."""
         start = prompts.start_block if prompts is not None else self.num_blocks
         tokens, _ = self.run_blocks(self.embed(images), 0, start)
@@ -195,12 +198,13 @@ class PromptedCLIP(nn.Module):
     def logits(self, embedding: torch.Tensor) -> torch.Tensor:
         return class_logits(embedding, self.text_features, self.logit_scale)
 
-    def forward(self, images: torch.Tensor, frozen_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [N, C], image embedding [N, E]); the last `frozen_rows` images run
-        through the frozen tower, without prompts (the alert's frozen-tower view)."""
-        if frozen_rows:
-            embedding = torch.cat([self.encoder(images[:-frozen_rows], self.prompts).embedding,
-                                   self.encoder(images[-frozen_rows:]).embedding])
-        else:
-            embedding = self.encoder(images, self.prompts).embedding
-        return self.logits(embedding), embedding
+    def forward(self, images: torch.Tensor, frozen_rows: int = 0, class_token: bool = False) -> tuple:
+        """Returns (logits [N, C], image embedding [N, E]), and with class_token the last
+        block's class token [N, D] (the feature density's input) third; the last
+        `frozen_rows` images run through the frozen tower, without prompts (the alert's
+        frozen-tower view)."""
+        parts = [(images[:-frozen_rows], self.prompts), (images[-frozen_rows:], None)] if frozen_rows \
+            else [(images, self.prompts)]
+        tokens = torch.cat([self.encoder.last_tokens(part, prompts) for part, prompts in parts])
+        embedding = self.encoder.head(tokens)
+        return (self.logits(embedding), embedding) + ((tokens[:, 0],) if class_token else ())

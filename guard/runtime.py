@@ -18,8 +18,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._compat import import_open_clip
-from .alerts import FROZEN_TOWER, AlertConfig, alert_scores, expand_batch
+from .alerts import DENSITY, AlertConfig, alert_scores, density_scores, expand_batch
 from .artifact import Artifact, load_artifact
+from .density import ClassDensity
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .errors import ArtifactError, ClosedError, InputError
 from .folded import fold
@@ -145,17 +146,24 @@ class Guard:
     """A loaded purified classifier. Thread-safe: classify keeps no state between calls,
     and backends whose engines hold per-call state serialise their own runs."""
 
-    def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str], manifest: dict):
+    def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str], manifest: dict,
+                 density: Optional[ClassDensity] = None):
         self._backend: Optional[Backend] = backend
         self.preprocess = preprocess
         self.classes = tuple(classes)
         self.manifest = manifest
+        self.density = density  # the feature density calibrated for the DENSITY statistic, if any
         self.alert_config = alert_config_of(manifest)
-        if self.alert_config.uses_frozen_tower and not backend.serves_frozen_tower:
+        problem = None
+        if self.alert_config.needs_torch_backend and not backend.serves_tower_internals:
+            problem = (f"the recorded alert ({self.alert_config.statistic} over {list(self.alert_config.perturbations)}) "
+                       f"needs the frozen tower or the class token, which the {backend.name} backend cannot serve")
+        elif self.alert_config.statistic == DENSITY and density is None:
+            problem = "the recorded alert is the feature density, but the model holds no fitted density"
+        if problem:
             backend.close()
-            raise ArtifactError(f"the recorded alert uses the {FROZEN_TOWER!r} view, which the {backend.name} backend "
-                                "cannot serve; recalibrate without it (`python -m guard calibrate MODEL --data DATA "
-                                "--perturbations open:3,median:3`)")
+            raise ArtifactError(f"{problem}; recalibrate without it (`python -m guard calibrate MODEL --data DATA "
+                                "--statistic pr_terms --perturbations open:3,median:3`)")
         self.backend = backend.name
         self.device = backend.device
         self.backend_info = backend.describe()
@@ -189,38 +197,69 @@ class Guard:
         progress(done, total) is called after every batch."""
         return self._run(inputs, batch_size, config or self.alert_config, progress)[1]
 
+    def class_tokens(self, inputs, batch_size: int = 64, frozen: bool = False,
+                     progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, C], the last block's class tokens [N, D]) of the served model, or with
+        frozen the class tokens of the frozen tower (the feature density's input; torch
+        backend only). progress(done, total) is called after every batch."""
+        backend = self._open_backend()
+        _check_tower_internals(backend)
+        logits, tokens = [], []
+        for resized in self._batches(inputs, batch_size, progress):
+            images = self.preprocess.normalize(resized)
+            batch_logits, _, batch_tokens = backend.run(torch.cat([images, images]) if frozen else images,
+                                                        len(images) if frozen else 0, class_token=True)
+            logits.append(batch_logits[:len(images)])
+            tokens.append(batch_tokens[len(images):] if frozen else batch_tokens)
+        if not logits:
+            return torch.empty(0, len(self.classes)), torch.empty(0, 0)
+        return torch.cat(logits), torch.cat(tokens)
+
     def _run(self, inputs, batch_size: int, alert: Optional[AlertConfig],
              progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(logits [N, C], alert scores [N] or None without an alert config)."""
         backend = self._open_backend()
+        logits, scores = [], []
+        for resized in self._batches(inputs, batch_size, progress):
+            if alert is None:
+                logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
+                continue
+            expanded = self.preprocess.normalize(expand_batch(resized, alert))
+            if alert.needs_torch_backend:  # one call, never split: the frozen view's rows come last
+                _check_tower_internals(backend)
+                frozen_rows = len(resized) if alert.uses_frozen_tower else 0
+                if alert.statistic == DENSITY:
+                    if self.density is None:
+                        raise InputError("this model has no fitted feature density: calibrate it with "
+                                         "`python -m guard calibrate MODEL --data DATA --statistic density`")
+                    all_logits, _, tokens = backend.run(expanded, frozen_rows, class_token=True)
+                    scores.append(density_scores(tokens, len(resized), alert, self.density))
+                else:
+                    all_logits, embeddings = backend.run(expanded, frozen_rows)
+                    scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
+            else:
+                all_logits, embeddings = _run_in_pieces(backend, expanded)
+                scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
+            logits.append(all_logits[:len(resized)])  # the unperturbed images come first
+        if not logits:
+            return torch.empty(0, len(self.classes)), None if alert is None else torch.empty(0)
+        return torch.cat(logits), None if alert is None else torch.cat(scores)
+
+    def _batches(self, inputs, batch_size: int, progress: Optional[Callable[[int, int], None]]):
+        """Resized float images [B, 3, S, S] on the CPU, batch_size inputs at a time; one input
+        or a list (a bad item's error names its index in the list)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(inputs, (list, tuple)):
             items, first_index = list(inputs), 0
         else:
             items, first_index = [inputs], None  # a single image: its errors name no list index
-        logits, scores = [], []
         for start in range(0, len(items), batch_size):
             resized = resize_batch(items[start:start + batch_size], self.preprocess, torch.device("cpu"),
                                    None if first_index is None else start)
-            if alert is None:
-                logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
-            else:
-                expanded = self.preprocess.normalize(expand_batch(resized, alert))
-                if alert.uses_frozen_tower:  # its rows come last; one call, never split
-                    if not backend.serves_frozen_tower:
-                        raise InputError(f"the {FROZEN_TOWER!r} alert view needs the artifact directory on the "
-                                         f"torch backend; the {backend.name} model has its prompts folded in")
-                    all_logits, embeddings = backend.run(expanded, len(resized))
-                else:
-                    all_logits, embeddings = _run_in_pieces(backend, expanded)
-                scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
-                logits.append(all_logits[:len(resized)])  # the unperturbed images come first
+            yield resized
             if progress is not None:
                 progress(start + len(resized), len(items))
-        if not logits:
-            return torch.empty(0, len(self.classes)), None if alert is None else torch.empty(0)
-        return torch.cat(logits), None if alert is None else torch.cat(scores)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N, C], embeddings [N, E]) of an already preprocessed float batch [N, 3, S, S],
@@ -254,6 +293,13 @@ class Guard:
         if backend is None:
             raise ClosedError("this Guard was closed; call guard.load() again to classify")
         return backend
+
+
+def _check_tower_internals(backend: Backend) -> None:
+    if not backend.serves_tower_internals:
+        raise InputError(f"the frozen-tower view and the class token need the artifact directory on the torch "
+                         f"backend; the {backend.name} model has its prompts folded in and returns logits and "
+                         "embeddings only")
 
 
 def alert_config_of(manifest: dict) -> AlertConfig:
@@ -322,7 +368,14 @@ def _load_artifact(path: Path, device: torch.device) -> Guard:
     model = fold(build_classifier(artifact, device), fused=None)
     log.info("loaded %s: %d classes, %d folded prompt blocks (%s attention), backend torch on %s", artifact.path,
              len(artifact.classes), model.num_folded_blocks, "fused C++" if model.fused else "standard", device)
-    return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest)
+    density = None
+    if artifact.alert_density is not None:
+        try:
+            density = ClassDensity.from_tensors(artifact.alert_density)
+        except InputError as error:
+            raise ArtifactError(f"the feature density of {artifact.path} is unusable ({error}); recalibrate it") \
+                from error
+    return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest, density)
 
 
 def _load_compiled(path: Path, kind: str, device: torch.device) -> Guard:

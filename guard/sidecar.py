@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import __version__
-from .alerts import FROZEN_TOWER
+from .alerts import DENSITY, FROZEN_TOWER
 from .errors import ArtifactError
 from .sealed import file_records, read_sealed, verify_files, write_sealed
 
@@ -67,10 +67,11 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
 def _inherited_alert(source_manifest: dict, precision: str) -> dict:
     """The source's alert entries. Its threshold carries over only where the scores do:
     fp32 matches the reference to ~1e-6; fp16 and int8 move them, so those start uncalibrated.
-    An alert with the frozen-tower view does not carry over at all (a compiled graph has the
-    prompts folded into every row): the compiled model starts with the uncalibrated default."""
+    An alert with the frozen-tower view or the feature density does not carry over at all (a
+    compiled graph has the prompts folded into every row and returns no class token): the
+    compiled model starts with the uncalibrated default."""
     alert, calibration = source_manifest.get("alert"), source_manifest.get("alert_calibration")
-    if alert is not None and FROZEN_TOWER in (alert.get("perturbations") or ()):
+    if alert is not None and (FROZEN_TOWER in (alert.get("perturbations") or ()) or alert.get("statistic") == DENSITY):
         alert, calibration = None, None
     elif alert is not None and precision != "fp32":
         alert, calibration = {**alert, "threshold": None}, None

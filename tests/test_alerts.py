@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from guard.alerts import (PERTURBATIONS, STATISTICS, AlertConfig, alert_scores, alerts, calibrate_threshold,
                           expand_batch, median_filter, opening)
+from guard.density import ClassDensity
 from guard.errors import InputError
 from guard.prompted import PromptedCLIP
 from training import detection
@@ -213,42 +214,6 @@ def test_auroc_and_rates():
         detection.parse_alert("pr_terms")
 
 
-def test_feature_density_is_the_shrunk_shared_covariance_mahalanobis_distance():
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(3).repeat_interleave(20)
-    features = torch.randn(60, 5, generator=generator) + 3.0 * labels[:, None]
-    density = detection.ClassDensity.fit(features, labels, 3, shrinkage=0.5)
-    # by hand: class means, the pooled within-class covariance plus 0.5 x its mean variance
-    means = torch.stack([features[labels == k].mean(0) for k in range(3)]).double()
-    centred = features.double() - means[labels]
-    covariance = centred.T @ centred / 60
-    covariance = covariance + 0.5 * covariance.trace() / 5 * torch.eye(5, dtype=torch.float64)
-    queries = 4 * torch.randn(7, 5, generator=generator, dtype=torch.float64)
-    expected = torch.stack([min((q - m) @ torch.linalg.solve(covariance, q - m) for m in means) for q in queries])
-    torch.testing.assert_close(density.score(queries, batch_size=3).double(), expected, rtol=1e-5, atol=1e-5)
-    # far from every clean class scores above every clean feature
-    assert density.score(torch.full((1, 5), 50.0)).item() > density.score(features).max().item()
-
-
-@pytest.mark.parametrize("features, labels, num_classes, shrinkage, message", [
-    (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 0, 1]), 3, 0.1, "classes \\[2\\] have none"),
-    (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 3]), 3, 0.1, "must lie in \\[0, 3\\)"),
-    (torch.full((6, 4), float("nan")), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.1, "NaN"),
-    (torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.1, "do not vary"),
-    (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.0, "shrinkage"),
-    (torch.randn(6), torch.tensor([0, 0, 1, 1, 2, 2]), 3, 0.1, "features \\[N, D\\]"),
-])
-def test_feature_density_rejects_bad_calibration(features, labels, num_classes, shrinkage, message):
-    with pytest.raises(InputError, match=message):
-        detection.ClassDensity.fit(features, labels, num_classes, shrinkage)
-
-
-def test_feature_density_rejects_features_of_another_width():
-    density = detection.ClassDensity.fit(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), 3)
-    with pytest.raises(InputError, match="4-dimensional"):
-        density.score(torch.randn(2, 5))
-
-
 def test_evaluate_detection_mechanics(tiny_artifact, tmp_path):
     model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
     generator = torch.Generator().manual_seed(0)
@@ -324,7 +289,7 @@ def test_feature_density_is_fitted_on_the_calibration_tokens_of_each_tower(tiny_
     with torch.no_grad():
         for tower, prompts in (("served", model.prompts), ("frozen", None)):
             tokens = encoder.final_class_token(preprocess.normalize(preprocess.resize(calibration)), prompts)
-            density = detection.ClassDensity.fit(tokens, calibration_labels, len(CLASSES))
+            density = ClassDensity.fit(tokens, calibration_labels, len(CLASSES))
             expected = density.score(encoder.final_class_token(preprocess.normalize(preprocess.resize(images)),
                                                                prompts))
             clean_scores, _ = result["scores"][f"feature density, {tower} tower"]
@@ -394,7 +359,7 @@ def test_adaptive_attacker_against_the_feature_density_lowers_its_objective(tiny
     generator = torch.Generator().manual_seed(4)
     calibration, images = torch.rand(30, 3, 32, 32, generator=generator), torch.rand(16, 3, 32, 32, generator=generator)
     tokens = detection.class_tokens_of(model, preprocess, calibration)
-    density = detection.ClassDensity.fit(tokens, torch.arange(30) % len(CLASSES), len(CLASSES))
+    density = ClassDensity.fit(tokens, torch.arange(30) % len(CLASSES), len(CLASSES))
     objective = detection.density_objective(model, preprocess, density, frozen=False, threshold=2.0)
     with torch.no_grad():
         logits, scores = objective(images)

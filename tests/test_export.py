@@ -259,7 +259,7 @@ def test_the_frozen_tower_view_is_served_by_the_artifact_and_refused_by_compiled
     export_onnx(artifact, tmp_path / "fp32.onnx", precision="fp32")
     with guard.load(tmp_path / "fp32.onnx", device="cpu") as model:
         assert model.alert_config == AlertConfig()  # not carried over: the uncalibrated default
-        with pytest.raises(InputError, match="needs the artifact directory on the torch backend"):
+        with pytest.raises(InputError, match="need the artifact directory on the torch backend"):
             model.alert_scores(images, config=with_tower)
     store_alert(tmp_path / "fp32.onnx", with_tower, None)  # recorded anyway: refused at load, with the way out
     with pytest.raises(ArtifactError, match="recalibrate without it"):

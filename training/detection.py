@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from guard.alerts import FROZEN_TOWER, AlertConfig, alert_scores, calibrate_threshold, expand_batch
+from guard.density import ClassDensity
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP
@@ -158,60 +158,6 @@ def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor,
 
 
 # --- feature density ---------------------------------------------------------------------
-
-# Covariance shrinkage towards (shrinkage x mean variance) x I; it also keeps the inverse
-# stable for few images. Over 0.001 to 1 on the undefended zoo models (docs/detection.md)
-# 0.1 is near the best for WaNet (AUROC 0.979) and costs SIG and Blended little.
-DENSITY_SHRINKAGE = 0.1
-
-
-@dataclass(frozen=True)
-class ClassDensity:
-    """Class-conditional Gaussians with one shared covariance (the model of linear
-    discriminant analysis), fitted on clean labelled features [N, D]. score(x) is
-    min_k (x - mean_k)^T precision (x - mean_k): far from every clean class = suspicious."""
-    means: torch.Tensor  # [C, D], float64
-    precision: torch.Tensor  # [D, D], float64: the inverse of the shrunk shared covariance
-
-    @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-            shrinkage: float = DENSITY_SHRINKAGE) -> "ClassDensity":
-        if features.ndim != 2 or labels.shape != (len(features),):
-            raise InputError(f"the feature density takes features [N, D] and labels [N], got "
-                             f"{tuple(features.shape)} and {tuple(labels.shape)}")
-        if not shrinkage > 0:
-            raise InputError(f"the covariance shrinkage must be > 0, got {shrinkage}")
-        if not torch.isfinite(features).all():
-            raise InputError("the calibration features hold NaN or inf values")
-        if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
-            raise InputError(f"calibration labels must lie in [0, {num_classes}), got {labels.min().item()} to "
-                             f"{labels.max().item()}")
-        counts = torch.bincount(labels, minlength=num_classes)
-        if (counts == 0).any():
-            raise InputError(f"the feature density needs clean images of every class; classes "
-                             f"{(counts == 0).nonzero().flatten().tolist()} have none")
-        features = features.double()
-        means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
-        means /= counts[:, None]
-        centred = features - means[labels]
-        covariance = centred.T @ centred / len(features)
-        scale = covariance.diagonal().mean()
-        if not scale > 0:
-            raise InputError("the calibration features do not vary; the feature density needs distinct images")
-        covariance += shrinkage * scale * torch.eye(len(covariance), dtype=torch.float64)
-        return cls(means, torch.linalg.inv(covariance))
-
-    def score(self, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """[N] float32: the smallest squared Mahalanobis distance to a class mean."""
-        if features.ndim != 2 or features.shape[1] != self.means.shape[1]:
-            raise InputError(f"the feature density was fitted on {self.means.shape[1]}-dimensional features, "
-                             f"got {tuple(features.shape)}")
-        scores = []
-        for batch in features.double().split(batch_size):
-            difference = batch[:, None, :] - self.means[None]  # [B, C, D]
-            scores.append(torch.einsum("bcd,de,bce->bc", difference, self.precision, difference).min(1).values)
-        return torch.cat(scores).float()
-
 
 def density_scores_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, density: ClassDensity,
                       frozen: bool = False, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
