@@ -40,7 +40,8 @@ def smooth_images(count: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def labels_of(count: int) -> list[int]:
-    return [index % len(CLASSES) for index in range(count)]
+    """Every class in both halves of the calibration images (even and odd positions)."""
+    return [(index // 2) % len(CLASSES) for index in range(count)]
 
 
 # --- the estimator ----------------------------------------------------------------------
@@ -143,12 +144,15 @@ def test_calibrated_density_is_stored_and_served_as_fitted_by_hand(artifact_copy
         resized = torch.stack([model.preprocess.normalize(image[None])[0] for image in images])
         with torch.no_grad():
             tokens = literal.encoder.final_class_token(resized, None if config.uses_frozen_tower else literal.prompts)
-        expected = ClassDensity.fit(tokens, torch.tensor(labels_of(40)), len(CLASSES)).score(tokens)
+        # fitted on every other image; the threshold set on the others
+        expected = ClassDensity.fit(tokens[0::2], torch.tensor(labels_of(40))[0::2], len(CLASSES)).score(tokens)
         results = model.classify(images)
         served = torch.tensor([result.alert_score for result in results])
         torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-3)
         assert model.alert_config.threshold == pytest.approx(record["threshold"])
-        assert sum(result.alert for result in results) / len(results) == pytest.approx(record["clean_alert_rate"])
+        assert record["images"] == record["density_fit_images"] == 20
+        held_out = results[1::2]
+        assert sum(result.alert for result in held_out) / len(held_out) == pytest.approx(record["clean_alert_rate"])
         # the labels are the plain classification's
         assert [r.index for r in results] == [r.index for r in model.classify(images, alerts=False)]
     # recalibrating with a perturbation alert drops the density file and its listing
@@ -165,6 +169,8 @@ def test_predicted_labels_must_cover_every_class(artifact_copy):
         calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=SERVED)
     with pytest.raises(InputError, match="40 class indices"):
         calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=SERVED, labels=[0, 1])
+    with pytest.raises(InputError, match="needs at least 40 clean images \\(half to fit it"):
+        calibrate(artifact_copy, smooth_images(30), fpr=0.05, config=SERVED, labels=labels_of(30))
     assert DENSITY_FILE not in json.loads((artifact_copy / MANIFEST).read_text())["files"]  # nothing written
 
 
@@ -209,7 +215,7 @@ def test_cli_calibrates_the_density_on_an_image_folder(artifact_copy, tmp_path, 
 
     folder = tmp_path / "clean"
     folder.mkdir()
-    for index, image in enumerate(smooth_images(30, seed=3)):
+    for index, image in enumerate(smooth_images(40, seed=3)):
         Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{index}.png")
     # an image folder carries no labels: the predictions must cover every class
     assert cli.main(["calibrate", str(artifact_copy), "--data", str(folder), "--fpr", "0.05",
