@@ -8,7 +8,11 @@ through guard.load (the torch backend from the artifact, onnxruntime from its fo
 ONNX export), and the same uint8 images are classified with and without the alert,
 round-robin in one process, so drift on a noisy machine hits both alike. Reports the
 median latencies, the ratio with / without, and the share of the perturbations
-themselves (expand_batch on the resized images). Writes alerts.json and alerts.md.
+themselves (expand_batch on the resized images). On the torch backend it also times the
+opt-in alerts that only it serves (docs/detection.md): the default alert plus the
+frozen-tower view (4 rows per image) and the feature density on the served tower (1 row,
+its density fitted on random features of the right width: the cost does not depend on the fit).
+Writes alerts.json and alerts.md.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import torch
 
 import guard
 from benchmarks.inference import MODELS, _names, environment, write_artifacts
-from guard.alerts import expand_batch
+from guard.alerts import FROZEN_TOWER, AlertConfig, expand_batch
+from guard.density import ClassDensity
 from guard.inputs import resize_batch
 
 log = logging.getLogger("benchmarks.alerts")
@@ -49,11 +54,20 @@ def _seconds(call) -> float:
 
 
 def time_alerts(model: guard.Guard, images: list[torch.Tensor], seconds: float) -> dict[str, list[float]]:
-    """Round-robin timings of classify without alerts, with alerts, and of the perturbations alone."""
+    """Round-robin timings of classify without alerts, with alerts, of the perturbations alone
+    and, on the torch backend, of the alert scores with the frozen-tower view and the density."""
     resized = resize_batch(images, model.preprocess)
     calls = {"plain": lambda: model.classify(images, batch_size=len(images), alerts=False),
              "alerts": lambda: model.classify(images, batch_size=len(images)),
              "perturbations": lambda: expand_batch(resized, model.alert_config)}
+    if model.backend == "torch":
+        frozen_view = AlertConfig(model.alert_config.perturbations + (FROZEN_TOWER,))
+        density = AlertConfig((), "density")
+        classes, width = len(model.classes), model.class_tokens(images[:1])[1].shape[1]
+        # the scoring cost depends on the shapes only, so any fit of the right shape will do
+        model.density = ClassDensity.fit(torch.randn(4 * classes, width), torch.arange(4 * classes) % classes, classes)
+        calls["frozen_view"] = lambda: model.alert_scores(images, len(images), frozen_view)
+        calls["density"] = lambda: model.alert_scores(images, len(images), density)
     first = max(_seconds(call) for call in calls.values())  # warm-up
     repeats = max(3, min(30, round(seconds / first)))
     times = {name: [] for name in calls}
@@ -82,7 +96,9 @@ def run(models, backends, batches, seconds: float) -> list[dict]:
                                      "plain_ms": round(1000 * times["plain"], 3),
                                      "alerts_ms": round(1000 * times["alerts"], 3),
                                      "perturbations_ms": round(1000 * times["perturbations"], 3),
-                                     "alerts_over_plain": round(times["alerts"] / times["plain"], 3)})
+                                     "alerts_over_plain": round(times["alerts"] / times["plain"], 3),
+                                     **{f"{name}_over_plain": round(times[name] / times["plain"], 3)
+                                        for name in ("frozen_view", "density") if name in times}})
                         log.info("%s / %s / batch %d: without %.1f ms, with alerts %.1f ms (%.2fx)", model_name,
                                  backend, batch, 1000 * times["plain"], 1000 * times["alerts"],
                                  times["alerts"] / times["plain"])
@@ -94,11 +110,19 @@ def markdown(rows: list[dict], env: dict) -> str:
              f"`python -m benchmarks.alerts` on {env['cpu']} ({env['threads']} threads), torch {env['torch']}, "
              f"onnxruntime {env['onnxruntime']}. Median latency of `Guard.classify` on a batch of uint8 images "
              "at the model's size, with and without the alert, round-robin in one process.", "",
-             "| model | backend | batch | without alerts ms | with alerts ms | with / without | perturbations ms |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | backend | batch | without alerts ms | with alerts ms | with / without | perturbations ms "
+             "| + frozen view / without | density / without |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ratio(row, name):
+        return f"{row[name]:.2f}x" if name in row else "-"
     for row in rows:
         lines.append(f"| {row['model']} | {row['backend']} | {row['batch']} | {row['plain_ms']:.2f} | "
-                     f"{row['alerts_ms']:.2f} | {row['alerts_over_plain']:.2f}x | {row['perturbations_ms']:.2f} |")
+                     f"{row['alerts_ms']:.2f} | {row['alerts_over_plain']:.2f}x | {row['perturbations_ms']:.2f} | "
+                     f"{ratio(row, 'frozen_view_over_plain')} | {ratio(row, 'density_over_plain')} |")
+    lines += ["", "The last two columns (torch backend only, the opt-in alerts of docs/detection.md): "
+              "`Guard.alert_scores` with the default alert plus the frozen-tower view (4 rows per image), and "
+              "with the feature density on the served tower (1 row per image), over classify without alerts."]
     return "\n".join(lines) + "\n"
 
 
