@@ -9,9 +9,10 @@ the calibration statistics in the model's manifest (artifact directory) or sidec
 alerts; before, results say "uncalibrated". `python -m guard calibrate` is the CLI.
 
 The "density" statistic (artifact directories only) first fits the feature density
-(guard.density) on the same clean images, labelled by the model's own predictions (no
-labels needed: docs/detection.md measured the difference as small), and stores it in the
-artifact as DENSITY_FILE.
+(guard.density) on every other clean image, labelled by `labels` where given (the CLI
+passes a built-in data set's) or else by the model's own predictions (docs/detection.md
+measured the difference as small), sets the threshold on the other images, and stores the
+density in the artifact as DENSITY_FILE.
 """
 from __future__ import annotations
 

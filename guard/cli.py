@@ -409,7 +409,8 @@ def run_calibrate(args) -> int:
     if not Path(args.model).exists():
         raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
     # Read (and verify) the model's document before any image is loaded: a bad model fails fast.
-    current = alert_config_of(model_document(args.model)[0])
+    document = model_document(args.model)[0]
+    current = alert_config_of(document)
     config = None
     if args.perturbations is not None or args.statistic is not None:
         statistic = args.statistic or current.statistic
@@ -420,8 +421,7 @@ def run_calibrate(args) -> int:
         config = AlertConfig(perturbations, statistic)
     images, description, labelled = calibration_images(args.data, args.split, args.limit, args.seed)
     # the feature density fits on true labels where the data has them in the model's classes
-    model_classes = tuple(model_document(args.model)[0]["classes"])
-    labels = labelled[1] if labelled is not None and labelled[0] == model_classes else None
+    labels = labelled[1] if labelled is not None and labelled[0] == tuple(document["classes"]) else None
     log.info("calibrating %s on %d images of %s", args.model, len(images), description)
     record = calibrate(args.model, images, args.fpr, data=description, backend=args.backend, device=args.device,
                        config=config, batch_size=args.batch_size, progress=_progress, labels=labels)
@@ -459,10 +459,10 @@ def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[li
     else:
         raise DataError(f"--data {data}: neither a directory of images nor one of {', '.join(BUILTIN_DATA)}")
     if len(images) > limit:
-        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
-        images = [images[index] for index in sorted(chosen.tolist())]
+        chosen = sorted(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+        images = [images[index] for index in chosen]
         if labels is not None:
-            labels = (labels[0], [labels[1][index] for index in sorted(chosen.tolist())])
+            labels = (labels[0], [labels[1][index] for index in chosen])
         description += f", {limit} images chosen with seed {seed}"
     return images, description, labels
 

@@ -20,8 +20,8 @@ import torch
 from ._compat import import_open_clip
 from .alerts import DENSITY, AlertConfig, alert_scores, density_scores, expand_batch
 from .artifact import Artifact, load_artifact
-from .density import ClassDensity
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+from .density import ClassDensity
 from .errors import ArtifactError, ClosedError, InputError
 from .folded import fold
 from .inputs import resize_batch

@@ -208,7 +208,7 @@ def adaptive_trigger(backdoor: Backdoor, images: torch.Tensor, objective: Object
     """The backdoor's own trigger with its tensors (a patch or blend pattern, a warp field)
     re-optimised by Adam to minimise CE(target) + weight * mean detector score on `images`
     (resized, not of the target class), both from `objective` (alert_objective,
-    density_objective; the model's parameters must not require gradients). Everything else
+    density_objective; freeze the model first, or its parameters collect gradients too). Everything else
     about the trigger (kind, place, size, blend weight, warp strength) stays, and so do its
     bounds: patterns stay in [0, 1], a warp field within its original largest offset, so the
     trigger is no stronger than the one the model was poisoned with."""
