@@ -156,8 +156,9 @@ class Guard:
         self.alert_config = alert_config_of(manifest)
         problem = None
         if self.alert_config.needs_torch_backend and not backend.serves_tower_internals:
-            problem = (f"the recorded alert ({self.alert_config.statistic} over {list(self.alert_config.perturbations)}) "
-                       f"needs the frozen tower or the class token, which the {backend.name} backend cannot serve")
+            recorded = f"{self.alert_config.statistic} over {list(self.alert_config.perturbations)}"
+            problem = (f"the recorded alert ({recorded}) needs the frozen tower or the class token, which the "
+                       f"{backend.name} backend cannot serve")
         elif self.alert_config.statistic == DENSITY and density is None:
             problem = "the recorded alert is the feature density, but the model holds no fitted density"
         if problem:
