@@ -376,6 +376,18 @@ def test_adaptive_attacker_against_the_feature_density_lowers_its_objective(tiny
     assert attacker_loss(adapted) < attacker_loss(backdoor.trigger)
 
 
+def test_the_alert_objective_runs_the_frozen_view_through_the_frozen_tower(tiny_artifact):
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    config = detection.FROZEN_TOWER_SIGNALS["disagreement"]
+    with torch.no_grad():
+        logits, scores = detection.alert_objective(model, preprocess, config)(images)
+    expected, expected_logits = detection.alert_scores_of(model, preprocess, images, config)  # as served
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(logits, expected_logits)
+    assert scores.min() > 1e-4  # the frozen tower does disagree with the prompted one
+
+
 def test_adaptive_attacker_needs_a_trigger_with_tensors(tiny_artifact):
     model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
     with pytest.raises(InputError, match="has none"):

@@ -185,9 +185,11 @@ Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def alert_objective(model: torch.nn.Module, preprocess: Preprocess, config: AlertConfig) -> Objective:
-    """The alert's scores, from one forward call over the image and its perturbed copies."""
+    """The alert's scores, from one forward call over the image and its perturbed copies (the
+    frozen-tower view's rows last, run through the frozen tower)."""
     def objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, embedding = model(preprocess.normalize(expand_batch(images, config)))
+        expanded = preprocess.normalize(expand_batch(images, config))
+        logits, embedding = model(expanded, len(images)) if config.uses_frozen_tower else model(expanded)
         return logits[:len(images)], alert_scores(logits, embedding, len(images), config)
     return objective
 
