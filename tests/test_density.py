@@ -235,3 +235,30 @@ def test_builtin_calibration_data_comes_with_its_labels():
     assert classes == tuple(dataset.classes) and len(images) == len(labels) == 50
     assert labels == dataset.labels[chosen].tolist()
     assert all(torch.equal(image, dataset.images[index]) for image, index in zip(images, chosen))
+
+
+def test_the_density_alert_is_thread_safe_and_names_a_bad_item(artifact_copy):
+    import threading
+
+    calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=FROZEN, labels=labels_of(40))
+    images = smooth_images(8, seed=6)
+    with guard.load(artifact_copy, device="cpu") as model:
+        serial = [model.classify(image).to_dict() for image in images]
+        results, errors = {}, []
+
+        def worker(thread: int) -> None:
+            try:
+                for step in range(25):
+                    index = (thread + step) % len(images)
+                    results[(thread, step)] = (index, model.classify(images[index]).to_dict())
+            except Exception as error:  # collected: an exception in a thread would go unseen
+                errors.append(error)
+        threads = [threading.Thread(target=worker, args=(thread,)) for thread in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors and len(results) == 200
+        assert all(result == serial[index] for index, result in results.values())
+        with pytest.raises(InputError, match="input 2"):
+            model.classify([images[0], images[1], torch.full((3, 32, 32), float("nan"))])
