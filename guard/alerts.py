@@ -281,17 +281,27 @@ def alert_scores(logits: torch.Tensor, embedding: torch.Tensor, n_images: int,
     return STATISTICS[config.statistic](ch, cz, kl)
 
 
-def density_scores(class_tokens: torch.Tensor, n_images: int, config: AlertConfig, density) -> torch.Tensor:
-    """Scores [N] of the DENSITY statistic from the last-block class tokens of `expand_batch`'s
-    N * (1 + K) rows: the image's own row, or with the 'frozen' view the frozen tower's row.
-    density: the guard.density.ClassDensity fitted when calibrating."""
+def density_alert(frozen: bool = False) -> AlertConfig:
+    """The uncalibrated DENSITY alert on the served tower, or on the frozen tower."""
+    return AlertConfig((FROZEN_TOWER,) if frozen else (), DENSITY)
+
+
+def density_rows(class_tokens: torch.Tensor, n_images: int, config: AlertConfig) -> torch.Tensor:
+    """The [N, D] rows of `expand_batch`'s N * (1 + K) last-block class tokens that the
+    DENSITY statistic reads: the image's own, or with the 'frozen' view the frozen tower's."""
     copies = 1 + config.num_perturbations
-    if config.statistic != DENSITY:
-        raise InputError(f"density_scores serves the {DENSITY!r} statistic, not {config.statistic!r}")
     if not isinstance(class_tokens, torch.Tensor) or class_tokens.ndim != 2 \
             or len(class_tokens) != n_images * copies:
         raise InputError(f"class_tokens must be 2-D with {n_images} x {copies} rows")
-    return density.score(class_tokens[n_images * (copies - 1):])
+    return class_tokens[n_images * (copies - 1):]
+
+
+def density_scores(class_tokens: torch.Tensor, n_images: int, config: AlertConfig, density) -> torch.Tensor:
+    """Scores [N] of the DENSITY statistic from the class tokens of `expand_batch`'s rows
+    (density_rows). density: the guard.density.ClassDensity fitted when calibrating."""
+    if config.statistic != DENSITY:
+        raise InputError(f"density_scores serves the {DENSITY!r} statistic, not {config.statistic!r}")
+    return density.score(density_rows(class_tokens, n_images, config))
 
 
 def calibrate_threshold(clean_scores: torch.Tensor, fpr: float = 0.01) -> float:

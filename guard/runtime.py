@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._compat import import_open_clip
-from .alerts import DENSITY, AlertConfig, alert_scores, density_scores, expand_batch
+from .alerts import (DENSITY, AlertConfig, alert_scores, density_alert, density_rows, density_scores,
+                     expand_batch)
 from .artifact import Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .density import ClassDensity
@@ -205,13 +206,13 @@ class Guard:
         backend only). progress(done, total) is called after every batch."""
         backend = self._open_backend()
         _check_tower_internals(backend)
+        config = density_alert(frozen)
         logits, tokens = [], []
         for resized in self._batches(inputs, batch_size, progress):
-            images = self.preprocess.normalize(resized)
-            batch_logits, _, batch_tokens = backend.run(torch.cat([images, images]) if frozen else images,
-                                                        len(images) if frozen else 0, class_token=True)
-            logits.append(batch_logits[:len(images)])
-            tokens.append(batch_tokens[len(images):] if frozen else batch_tokens)
+            expanded = self.preprocess.normalize(expand_batch(resized, config))
+            batch_logits, _, batch_tokens = backend.run(expanded, len(resized) if frozen else 0, class_token=True)
+            logits.append(batch_logits[:len(resized)])
+            tokens.append(density_rows(batch_tokens, len(resized), config))
         if not logits:
             return torch.empty(0, len(self.classes)), torch.empty(0, 0)
         return torch.cat(logits), torch.cat(tokens)

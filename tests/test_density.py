@@ -238,27 +238,16 @@ def test_builtin_calibration_data_comes_with_its_labels():
 
 
 def test_the_density_alert_is_thread_safe_and_names_a_bad_item(artifact_copy):
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=FROZEN, labels=labels_of(40))
     images = smooth_images(8, seed=6)
     with guard.load(artifact_copy, device="cpu") as model:
         serial = [model.classify(image).to_dict() for image in images]
-        results, errors = {}, []
-
-        def worker(thread: int) -> None:
-            try:
-                for step in range(25):
-                    index = (thread + step) % len(images)
-                    results[(thread, step)] = (index, model.classify(images[index]).to_dict())
-            except Exception as error:  # collected: an exception in a thread would go unseen
-                errors.append(error)
-        threads = [threading.Thread(target=worker, args=(thread,)) for thread in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors and len(results) == 200
-        assert all(result == serial[index] for index, result in results.values())
+        calls = [(thread + step) % len(images) for thread in range(8) for step in range(25)]
+        with ThreadPoolExecutor(8) as pool:  # an exception in a call re-raises here
+            results = list(pool.map(lambda index: (index, model.classify(images[index]).to_dict()), calls))
+        assert len(results) == 200
+        assert all(result == serial[index] for index, result in results)
         with pytest.raises(InputError, match="input 2"):
             model.classify([images[0], images[1], torch.full((3, 32, 32), float("nan"))])

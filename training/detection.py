@@ -39,7 +39,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from guard.alerts import FROZEN_TOWER, AlertConfig, alert_scores, calibrate_threshold, expand_batch
+from guard.alerts import (FROZEN_TOWER, AlertConfig, alert_scores, calibrate_threshold, density_alert, density_rows,
+                          expand_batch)
 from guard.density import ClassDensity
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
@@ -159,22 +160,30 @@ def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor,
 
 # --- feature density ---------------------------------------------------------------------
 
+def density_outputs(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the served model's logits [N, C], the class tokens [N, D] the density reads) of resized
+    images, in one forward call as guard serves them; differentiable in the images."""
+    config = density_alert(frozen)
+    logits, _, tokens = model(preprocess.normalize(expand_batch(images, config)), len(images) if frozen else 0,
+                              class_token=True)
+    return logits[:len(images)].float(), density_rows(tokens, len(images), config).float()
+
+
 def density_scores_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, density: ClassDensity,
                       frozen: bool = False, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(feature-density scores [N], the served model's logits [N, C]) for resized images."""
     with torch.no_grad():
-        logits = torch.cat([model(preprocess.normalize(batch))[0].float() for batch in images.split(batch_size)])
-    return density.score(class_tokens_of(model, preprocess, images, frozen, batch_size)), logits
+        logits, tokens = zip(*(density_outputs(model, preprocess, batch, frozen) for batch in images.split(batch_size)))
+    return density.score(torch.cat(tokens)), torch.cat(logits)
 
 
 def class_tokens_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool = False,
                     batch_size: int = 256) -> torch.Tensor:
     """[N, D] last-block class tokens of resized images, through the model's prompts or
     (frozen) through its frozen tower."""
-    prompts = None if frozen else model.prompts
     with torch.no_grad():
-        return torch.cat([model.encoder.final_class_token(preprocess.normalize(batch), prompts).float()
-                          for batch in images.split(batch_size)])
+        return torch.cat([density_outputs(model, preprocess, batch, frozen)[1] for batch in images.split(batch_size)])
 
 
 # --- adaptive attacker -----------------------------------------------------------------
@@ -199,9 +208,8 @@ def density_objective(model: PromptedCLIP, preprocess: Preprocess, density: Clas
     """The feature density on the served (or frozen) tower, in units of its clean threshold:
     above 1 is flagged, whatever the feature width."""
     def objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        normalized = preprocess.normalize(images)
-        tokens = model.encoder.final_class_token(normalized, None if frozen else model.prompts)
-        return model(normalized)[0], density.score(tokens) / threshold
+        logits, tokens = density_outputs(model, preprocess, images, frozen)
+        return logits, density.score(tokens) / threshold
     return objective
 
 
