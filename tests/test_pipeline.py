@@ -95,6 +95,15 @@ def test_evaluate_cli_writes_the_documented_json(zoo, purified, tmp_path):
     assert result["asr"] == pytest.approx(metrics["after"]["asr"], abs=1e-6)
     for name in PR_NAMES:
         assert result["pr"][name] == pytest.approx(metrics["after"]["pr"][name], rel=1e-4)
+    # asr_untriggered: the same count as asr on the clean images, by hand
+    from guard.artifact import load_artifact
+    from guard.runtime import build_classifier
+    test, artifact = load_dataset("fashion-mnist", "test"), load_artifact(out)
+    predictions = model_outputs(build_classifier(artifact), artifact.preprocess, test.images)[0].argmax(1)
+    others = test.labels != result["target"]
+    expected = 100.0 * (predictions[others] == result["target"]).double().mean().item()
+    assert result["asr_untriggered"] == pytest.approx(expected, abs=1e-4)
+    assert 0 < result["asr_untriggered"] < result["asr"]  # the paper-setting RVPT leaves the backdoor in
 
 
 def test_command_line_errors_exit_2(tmp_path, capsys):

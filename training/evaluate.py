@@ -43,7 +43,10 @@ class Evaluation:
     the target (BackdoorBench); asr_all counts every triggered image (CleanCLIP, BadCLIP).
     pr maps perturbation name -> PR (>0; higher means features move no more than decisions).
     ca_per_class maps class name -> accuracy on that class's test images (percent): where a
-    defense loses its clean accuracy."""
+    defense loses its clean accuracy. asr_untriggered is asr's count on the same images without
+    the trigger: how often the model calls a non-target image the target anyway, the level asr
+    cannot be told apart from (a never-poisoned model scores about this much, more where the
+    trigger itself damages the image; docs/reference-benchmark.md)."""
     ca: float
     asr: Optional[float]
     asr_all: Optional[float]
@@ -53,6 +56,7 @@ class Evaluation:
     target: Optional[int] = None
     target_name: Optional[str] = None
     ca_per_class: dict = field(default_factory=dict)
+    asr_untriggered: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,10 +108,11 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
     ca = 100.0 * correct.float().mean().item()
     ca_per_class = {name: 100.0 * correct[dataset.labels == index].float().mean().item()
                     for index, name in enumerate(dataset.classes) if (dataset.labels == index).any()}
-    asr = asr_all = None
+    asr = asr_all = asr_untriggered = None
     if backdoor is not None:
         triggered, _ = model_outputs(model, preprocess, dataset.images, backdoor.trigger)
         asr, asr_all = attack_success_rates(triggered.argmax(1), dataset.labels, backdoor.target)
+        asr_untriggered, _ = attack_success_rates(logits.argmax(1), dataset.labels, backdoor.target)
     pr = {}
     pr_count = min(max(pr_images, 0), len(dataset))
     if pr_count:
@@ -119,7 +124,7 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
             pr[name] = perturbation_resistivity(clean, model_outputs(model, preprocess, images, perturb))
     return Evaluation(ca, asr, asr_all, pr, len(dataset), pr_count,
                       None if backdoor is None else backdoor.target,
-                      None if backdoor is None else backdoor.target_name, ca_per_class)
+                      None if backdoor is None else backdoor.target_name, ca_per_class, asr_untriggered)
 
 
 def zero_shot_classifier(loaded, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
