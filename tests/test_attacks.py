@@ -13,7 +13,7 @@ from guard.hashing import sha256_file
 from training.attacks import (ATTACKS, SIG, SUITE, BadNet, Blended, CallableTrigger, ImageTrigger,
                               LabelConsistentBadNet, WaNet, import_callable, load_trigger, resolve_class,
                               save_trigger, scaled)
-from training.evaluate import attack_success_rates, perturbation_resistivity
+from training.evaluate import Evaluation, attack_success_rates, format_summary, perturbation_resistivity
 from training.perturbations import gaussian_blur, standard_perturbations
 
 
@@ -90,6 +90,15 @@ def test_asr_excludes_or_counts_target_class_images():
     assert asr_all == pytest.approx(100 * 4 / 6)
     with pytest.raises(InputError):
         attack_success_rates(predictions, torch.zeros(6, dtype=torch.long), target=0)
+
+
+def test_summary_table_shows_every_asr_and_dashes_what_was_not_measured():
+    rows = {"backdoored": Evaluation(85.5, 99.25, 99.5, {"hflip": 0.95}, asr_untriggered=1.75),
+            "clean only": Evaluation(84.0, None, None)}
+    header, _, backdoored, clean = format_summary(rows).splitlines()
+    assert header.split()[:8] == ["model", "CA", "%", "ASR", "%", "ASR-all", "%", "untriggered"]
+    assert backdoored.split() == ["backdoored", "85.50", "99.25", "99.50", "1.75", "0.950", "0.950"]
+    assert clean.split() == ["clean", "only", "84.00", "-", "-", "-", "nan", "nan"]  # mean PR, hflip
 
 
 def test_perturbation_resistivity_is_a_ratio_of_mean_cosines():

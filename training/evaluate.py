@@ -152,20 +152,25 @@ def load_classifier(spec: str, classes: Sequence[str], templates: Sequence[str] 
 
 
 def format_summary(rows: dict[str, Evaluation]) -> str:
-    """A plain-text table: one row per model, CA / ASR / ASR-all / mean PR and each PR."""
+    """A plain-text table: one row per model, CA / ASR / ASR-all / ASR without the trigger /
+    mean PR and each PR ("-" where not measured)."""
     names = sorted({name for evaluation in rows.values() for name in evaluation.pr})
     widths = [max(8, len(name) + 2) for name in names]
-    header = (f"{'model':<22}{'CA %':>8}{'ASR %':>8}{'ASR-all %':>11}{'PR mean':>9}"
+    header = (f"{'model':<22}{'CA %':>8}{'ASR %':>8}{'ASR-all %':>11}{'untriggered %':>15}{'PR mean':>9}"
               + "".join(f"{name:>{width}}" for name, width in zip(names, widths)))
     lines = [header, "-" * len(header)]
     for label, evaluation in rows.items():
-        asr = "-" if evaluation.asr is None else f"{evaluation.asr:.2f}"
-        asr_all = "-" if evaluation.asr_all is None else f"{evaluation.asr_all:.2f}"
+        asr, asr_all, untriggered = (_percent(value) for value in
+                                     (evaluation.asr, evaluation.asr_all, evaluation.asr_untriggered))
         mean_pr = sum(evaluation.pr.values()) / len(evaluation.pr) if evaluation.pr else float("nan")
-        lines.append(f"{label:<22}{evaluation.ca:>8.2f}{asr:>8}{asr_all:>11}{mean_pr:>9.3f}"
+        lines.append(f"{label:<22}{evaluation.ca:>8.2f}{asr:>8}{asr_all:>11}{untriggered:>15}{mean_pr:>9.3f}"
                      + "".join(f"{evaluation.pr.get(name, float('nan')):>{width}.3f}"
                                for name, width in zip(names, widths)))
     return "\n".join(lines)
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
