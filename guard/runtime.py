@@ -221,6 +221,11 @@ class Guard:
              progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(logits [N, C], alert scores [N] or None without an alert config)."""
         backend = self._open_backend()
+        if alert is not None and alert.needs_torch_backend:
+            _check_tower_internals(backend)
+            if alert.statistic == DENSITY and self.density is None:
+                raise InputError("this model has no fitted feature density: calibrate it with "
+                                 "`python -m guard calibrate MODEL --data DATA --statistic density`")
         logits, scores = [], []
         for resized in self._batches(inputs, batch_size, progress):
             if alert is None:
@@ -228,12 +233,8 @@ class Guard:
                 continue
             expanded = self.preprocess.normalize(expand_batch(resized, alert))
             if alert.needs_torch_backend:  # one call, never split: the frozen view's rows come last
-                _check_tower_internals(backend)
                 frozen_rows = len(resized) if alert.uses_frozen_tower else 0
                 if alert.statistic == DENSITY:
-                    if self.density is None:
-                        raise InputError("this model has no fitted feature density: calibrate it with "
-                                         "`python -m guard calibrate MODEL --data DATA --statistic density`")
                     all_logits, _, tokens = backend.run(expanded, frozen_rows, class_token=True)
                     scores.append(density_scores(tokens, len(resized), alert, self.density))
                 else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import __version__
-from .alerts import DENSITY, FROZEN_TOWER
+from .alerts import AlertConfig
 from .errors import ArtifactError
 from .sealed import file_records, read_sealed, verify_files, write_sealed
 
@@ -71,7 +71,7 @@ def _inherited_alert(source_manifest: dict, precision: str) -> dict:
     compiled graph has the prompts folded into every row and returns no class token): the
     compiled model starts with the uncalibrated default."""
     alert, calibration = source_manifest.get("alert"), source_manifest.get("alert_calibration")
-    if alert is not None and (FROZEN_TOWER in (alert.get("perturbations") or ()) or alert.get("statistic") == DENSITY):
+    if alert is not None and AlertConfig.from_dict(alert).needs_torch_backend:
         alert, calibration = None, None
     elif alert is not None and precision != "fp32":
         alert, calibration = {**alert, "threshold": None}, None

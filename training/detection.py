@@ -170,20 +170,25 @@ def density_outputs(model: PromptedCLIP, preprocess: Preprocess, images: torch.T
     return logits[:len(images)].float(), density_rows(tokens, len(images), config).float()
 
 
+def _batched_density_outputs(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool,
+                             batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits, tokens = zip(*(density_outputs(model, preprocess, batch, frozen) for batch in images.split(batch_size)))
+    return torch.cat(logits), torch.cat(tokens)
+
+
 def density_scores_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, density: ClassDensity,
                       frozen: bool = False, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(feature-density scores [N], the served model's logits [N, C]) for resized images."""
-    with torch.no_grad():
-        logits, tokens = zip(*(density_outputs(model, preprocess, batch, frozen) for batch in images.split(batch_size)))
-    return density.score(torch.cat(tokens)), torch.cat(logits)
+    logits, tokens = _batched_density_outputs(model, preprocess, images, frozen, batch_size)
+    return density.score(tokens), logits
 
 
 def class_tokens_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool = False,
                     batch_size: int = 256) -> torch.Tensor:
     """[N, D] last-block class tokens of resized images, through the model's prompts or
     (frozen) through its frozen tower."""
-    with torch.no_grad():
-        return torch.cat([density_outputs(model, preprocess, batch, frozen)[1] for batch in images.split(batch_size)])
+    return _batched_density_outputs(model, preprocess, images, frozen, batch_size)[1]
 
 
 # --- adaptive attacker -----------------------------------------------------------------
