@@ -65,7 +65,7 @@ def time_alerts(model: guard.Guard, images: list[torch.Tensor], seconds: float) 
         density = AlertConfig((), "density")
         classes, width = len(model.classes), model.class_tokens(images[:1])[1].shape[1]
         # the scoring cost depends on the shapes only, so any fit of the right shape will do
-        model.density = ClassDensity.fit(torch.randn(4 * classes, width), torch.arange(4 * classes) % classes, classes)
+        model.fitted_alert = ClassDensity.fit(torch.randn(4 * classes, width), torch.arange(4 * classes) % classes, classes)
         calls["frozen_view"] = lambda: model.alert_scores(images, len(images), frozen_view)
         calls["density"] = lambda: model.alert_scores(images, len(images), density)
     first = max(_seconds(call) for call in calls.values())  # warm-up

@@ -133,9 +133,12 @@ PERTURBATIONS = {
     FROZEN_TOWER: (None, None, lambda x, v, i: x),
 }
 
-# Not a function of the views' outputs: the feature density (guard.density) of the image's
-# last class token, or with the 'frozen' view of the frozen tower's; fitted when calibrating.
+# Not functions of the views' outputs, and fitted when calibrating: the feature density
+# (guard.density) of the image's last class token, or with the 'frozen' view of the frozen
+# tower's; and the input detector (guard.detector), a small CNN on the resized input.
 DENSITY = "density"
+DETECTOR = "detector"
+FITTED_STATISTICS = (DENSITY, DETECTOR)
 
 # name -> score(ch, cz, kl); ch, cz: mean cosines of embeddings and logits; kl: mean KL.
 STATISTICS = {
@@ -173,8 +176,9 @@ def _parse(spec) -> tuple[str, object]:
 class AlertConfig:
     """perturbations: K >= 1 specs 'name' or 'name:value' (see PERTURBATIONS), one extra
     forward pass each; 'frozen' (last) is the image itself through the frozen tower.
-    statistic: a key of STATISTICS, or DENSITY with no perturbation (the served tower's
-    class token) or only 'frozen' (the frozen tower's). threshold: scores above it alert
+    statistic: a key of STATISTICS, DENSITY with no perturbation (the served tower's
+    class token) or only 'frozen' (the frozen tower's), or DETECTOR with no perturbation
+    (it reads the input itself). threshold: scores above it alert
     (calibrate it on clean images with `calibrate_threshold`); None means not calibrated."""
     perturbations: tuple[str, ...] = ("open:3", "median:3")
     statistic: str = "pr_terms"
@@ -188,12 +192,16 @@ class AlertConfig:
         if FROZEN_TOWER in self.perturbations[:-1]:
             raise InputError(f"the {FROZEN_TOWER!r} view must be the last perturbation, got {list(self.perturbations)}")
         object.__setattr__(self, "perturbations", tuple(self.perturbations))
-        if not isinstance(self.statistic, str) or self.statistic not in (*STATISTICS, DENSITY):
-            raise InputError(f"unknown statistic {self.statistic!r}; known: {sorted((*STATISTICS, DENSITY))}")
+        known = (*STATISTICS, *FITTED_STATISTICS)
+        if not isinstance(self.statistic, str) or self.statistic not in known:
+            raise InputError(f"unknown statistic {self.statistic!r}; known: {sorted(known)}")
         if self.statistic == DENSITY and self.perturbations not in ((), (FROZEN_TOWER,)):
             raise InputError(f"the {DENSITY!r} statistic takes no perturbation (the served tower) or only "
                              f"{FROZEN_TOWER!r} (the frozen tower), got {list(self.perturbations)}")
-        if self.statistic != DENSITY and not self.perturbations:
+        if self.statistic == DETECTOR and self.perturbations:
+            raise InputError(f"the {DETECTOR!r} statistic reads the input itself and takes no perturbation, got "
+                             f"{list(self.perturbations)}")
+        if self.statistic not in FITTED_STATISTICS and not self.perturbations:
             raise InputError("an alert needs at least one perturbation")
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
@@ -211,8 +219,9 @@ class AlertConfig:
 
     @property
     def needs_torch_backend(self) -> bool:
-        """The frozen-tower view and the class token are served by the torch backend only."""
-        return self.uses_frozen_tower or self.statistic == DENSITY
+        """The frozen-tower view, the class token and what calibration fitted (stored in an
+        artifact directory) are served by the torch backend only."""
+        return self.uses_frozen_tower or self.statistic in FITTED_STATISTICS
 
     def to_dict(self) -> dict:
         return {"perturbations": list(self.perturbations), "statistic": self.statistic, "threshold": self.threshold}
@@ -266,8 +275,9 @@ def alert_scores(logits: torch.Tensor, embedding: torch.Tensor, n_images: int,
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise InputError(f"{name} must be 2-D with {n_images} x {copies} = {n_images * copies} rows "
                              f"(images x (1 + perturbations)), got {got}")
-    if config.statistic == DENSITY:
-        raise InputError(f"the {DENSITY!r} statistic scores class tokens: use density_scores")
+    if config.statistic in FITTED_STATISTICS:
+        raise InputError(f"the {config.statistic!r} statistic is not a function of the outputs: the guard "
+                         "serves it with what calibration fitted")
     if n_images == 0:
         return torch.empty(0)
     z = logits.float().reshape(copies, n_images, -1)

@@ -6,6 +6,8 @@
     class_embeddings.safetensors   constant class text embeddings and the logit scale
     alert_density.safetensors      only when calibrated with the "density" alert statistic:
                                    the feature density's class means and precision
+    alert_detector.safetensors     only when calibrated with the "detector" alert statistic:
+                                   the input detector's weights
 
 Every file's sha256 is in the manifest, and the manifest carries the sha256 of its
 own canonical JSON, so a flipped byte anywhere is caught when the artifact loads.
@@ -32,6 +34,9 @@ VISUAL_FILE = "visual.safetensors"
 PROMPTS_FILE = "prompts.safetensors"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 DENSITY_FILE = "alert_density.safetensors"
+DETECTOR_FILE = "alert_detector.safetensors"
+# where each alert statistic that calibration fits (guard.alerts.FITTED_STATISTICS) keeps it
+ALERT_FILES = {"density": DENSITY_FILE, "detector": DETECTOR_FILE}
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class Artifact:
     visual_prompts: Optional[torch.Tensor]
     text_features: torch.Tensor
     logit_scale: float
-    alert_density: Optional[dict] = None  # DENSITY_FILE's tensors (guard.density.ClassDensity.from_tensors)
+    alert_state: Optional[dict] = None  # the ALERT_FILES tensors of the recorded alert statistic, if it has any
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -135,5 +140,7 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"{MANIFEST} of {directory} disagrees with its files about visual prompts")
     embeddings = tensors[CLASS_EMBEDDINGS_FILE]
     prompts = tensors.get(PROMPTS_FILE, {}).get("visual_prompts")
+    alert = manifest.get("alert")  # checked when the runtime reads it (guard.runtime.alert_config_of)
+    alert_file = ALERT_FILES.get(alert.get("statistic")) if isinstance(alert, dict) else None
     return Artifact(directory, manifest, tensors[VISUAL_FILE], prompts,
-                    embeddings["text_features"], float(embeddings["logit_scale"]), tensors.get(DENSITY_FILE))
+                    embeddings["text_features"], float(embeddings["logit_scale"]), tensors.get(alert_file))

@@ -12,7 +12,9 @@ The "density" statistic (artifact directories only) first fits the feature densi
 (guard.density) on every other clean image, labelled by `labels` where given (the CLI
 passes a built-in data set's) or else by the model's own predictions (docs/detection.md
 measured the difference as small), sets the threshold on the other images, and stores the
-density in the artifact as DENSITY_FILE.
+density in the artifact as DENSITY_FILE. The "detector" statistic (artifact directories only)
+trains the input detector (guard.detector) on every other clean image against synthetic
+triggers, sets the threshold on the other images, and stores its weights as DETECTOR_FILE.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import __version__, artifact, sidecar
-from .alerts import DENSITY, AlertConfig, calibrate_threshold
+from .alerts import DENSITY, DETECTOR, FITTED_STATISTICS, AlertConfig, calibrate_threshold
 from .density import ClassDensity
+from .detector import DetectorConfig, InputDetector, train_detector
 from .errors import InputError
 from .runtime import load, model_kind
 from .sealed import file_records, write_sealed
@@ -34,13 +37,18 @@ from .sealed import file_records, write_sealed
 
 def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: str = "", backend: str = "auto",
               device=None, config: Optional[AlertConfig] = None, batch_size: int = 64,
-              progress: Optional[Callable[[int, int], None]] = None, labels: Optional[Sequence[int]] = None) -> dict:
+              progress: Optional[Callable[[int, int], None]] = None, labels: Optional[Sequence[int]] = None,
+              detector: DetectorConfig = DetectorConfig(),
+              training_progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Score clean `images` (anything Guard.classify takes), store the threshold; returns the
     calibration record. config: the alert to calibrate (default: the model's own perturbations
     and statistic). data: a description of the images for the record. progress(done, total)
-    is called after every batch. labels: the images' class indices, which the "density"
-    statistic fits on (default: the model's predictions); it fits on every other image and
-    sets the threshold on the others. Nothing is written when any image fails."""
+    is called after every batch, training_progress(step, steps) after every epoch of
+    training the detector. labels: the
+    images' class indices, which the "density" statistic fits on (default: the model's
+    predictions). The "density" and "detector" statistics fit on every other image and set
+    the threshold on the others; detector: how the "detector" statistic trains. Nothing is
+    written when any image fails."""
     path = Path(path)
     images = list(images)
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 < fpr < 1.0:
@@ -49,21 +57,27 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
     needed = math.ceil(1.0 / fpr)
     if len(images) < needed:
         raise InputError(f"calibrating at fpr {fpr} needs at least {needed} clean images, got {len(images)}")
-    density, fit_images = None, None
+    fitted, fit_images, fit_record = None, None, {}
     with load(path, backend=backend, device=device) as model:
         config = dataclasses.replace(config or model.alert_config, threshold=None)
+        if config.statistic in FITTED_STATISTICS and len(images) < 2 * needed:
+            raise InputError(f"calibrating the {config.statistic} at fpr {fpr} needs at least {2 * needed} clean "
+                             f"images (half to fit it, half for the threshold), got {len(images)}")
         if config.statistic == DENSITY:
-            if len(images) < 2 * needed:
-                raise InputError(f"calibrating the density at fpr {fpr} needs at least {2 * needed} clean images "
-                                 f"(half to fit it, half for the threshold), got {len(images)}")
             # the image's rows are what a served density score reads: same class tokens, same scores
             logits, tokens = model.class_tokens(images, batch_size, config.uses_frozen_tower, progress)
             labels = _density_labels(labels, logits)
             # Fitted on every other image, thresholded on the rest: distances to a density fitted
             # on the same images are biased low (measured: 1.65 to 2.4 % clean alerts on new
             # images at an in-sample 1 % threshold; docs/detection.md).
-            density = ClassDensity.fit(tokens[0::2], labels[0::2], len(model.classes))
-            scores, fit_images = density.score(tokens[1::2]).double(), len(tokens[0::2])
+            fitted = ClassDensity.fit(tokens[0::2], labels[0::2], len(model.classes))
+            scores, fit_images = fitted.score(tokens[1::2]).double(), len(tokens[0::2])
+        elif config.statistic == DETECTOR:  # fitted on every other image, as the density
+            resized = model.resized(images, batch_size, progress)
+            fitted = train_detector(resized[0::2], detector, training_progress)
+            with torch.no_grad():
+                scores = fitted(resized[1::2]).double()
+            fit_images, fit_record = len(resized[0::2]), {"detector": detector.to_dict()}
         else:
             scores = model.alert_scores(images, batch_size, config, progress).double()
         measured_on = {"backend": model.backend, "device": str(model.device),
@@ -73,7 +87,8 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
         "fpr": fpr,
         "threshold": threshold,
         "images": len(scores),
-        **({"density_fit_images": fit_images} if fit_images is not None else {}),
+        **({"fit_images": fit_images} if fit_images is not None else {}),
+        **fit_record,
         "data": data,
         "clean_alert_rate": (scores > threshold).double().mean().item(),
         "scores": {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -84,7 +99,7 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
         "clip_guard_version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    store_alert(path, dataclasses.replace(config, threshold=threshold), record, density)
+    store_alert(path, dataclasses.replace(config, threshold=threshold), record, fitted)
     return record
 
 
@@ -112,29 +127,35 @@ def model_document(path: str | Path) -> tuple[dict, Path, str]:
 
 
 def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dict],
-                density: Optional[ClassDensity] = None) -> Path:
+                fitted: Optional[ClassDensity | InputDetector] = None) -> Path:
     """Write the alert config and its calibration record into the model's manifest or sidecar
     (checked first, then re-sealed and replaced atomically); returns the file written.
-    density: the feature density of a DENSITY alert, written into an artifact directory as
-    DENSITY_FILE and listed with its checksum; any other alert drops an earlier one."""
+    fitted: what calibration fitted for a DENSITY or DETECTOR alert (a ClassDensity or an
+    InputDetector), written into an artifact directory as the statistic's file of
+    artifact.ALERT_FILES and listed with its checksum; an alert drops every other such file."""
     from safetensors.torch import save_file
 
     document, document_path, checksum_key = model_document(path)
-    if (config.statistic == DENSITY) != (density is not None):
-        raise InputError(f"the {DENSITY!r} alert statistic and a fitted feature density go together")
+    expected = {DENSITY: ClassDensity, DETECTOR: InputDetector}.get(config.statistic, type(None))
+    if not isinstance(fitted, expected):
+        raise InputError(f"the {config.statistic!r} alert statistic needs "
+                         + (f"a fitted {expected.__name__}" if fitted is None else "nothing fitted")
+                         + f", got {type(fitted).__name__}")
     directory = Path(path)
     is_artifact = model_kind(directory)[0] == "artifact"
-    if density is not None and not is_artifact:
-        raise InputError(f"{path} is compiled; the {DENSITY!r} statistic is served from artifact directories only")
-    if density is not None:
-        save_file({name: tensor.cpu() for name, tensor in density.to_tensors().items()},
-                  directory / artifact.DENSITY_FILE)
-        document["files"].update(file_records(directory, [artifact.DENSITY_FILE]))
-    elif is_artifact and artifact.DENSITY_FILE in document["files"]:
-        del document["files"][artifact.DENSITY_FILE]
+    if fitted is not None and not is_artifact:
+        raise InputError(f"{path} is compiled; the {config.statistic!r} statistic is served from artifact "
+                         "directories only")
+    kept = artifact.ALERT_FILES.get(config.statistic)
+    if fitted is not None:
+        save_file({name: tensor.cpu() for name, tensor in fitted.to_tensors().items()}, directory / kept)
+        document["files"].update(file_records(directory, [kept]))
+    dropped = [name for name in artifact.ALERT_FILES.values() if name != kept] if is_artifact else []
+    for name in dropped:
+        document["files"].pop(name, None)
     document["alert"] = config.to_dict()
     document["alert_calibration"] = calibration
     write_sealed(document_path, document, checksum_key)
-    if is_artifact and density is None and (directory / artifact.DENSITY_FILE).is_file():
-        (directory / artifact.DENSITY_FILE).unlink()  # no longer listed: nothing to verify it against
+    for name in dropped:
+        (directory / name).unlink(missing_ok=True)  # no longer listed: nothing to verify it against
     return document_path

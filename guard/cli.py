@@ -390,7 +390,12 @@ def add_calibrate(commands) -> None:
                         "the frozen-tower view (artifacts only) (default: the model's)")
     parser.add_argument("--statistic", default=None,
                         help="recalibrate with this statistic (default: the model's); 'density' (artifacts only) "
-                        "fits the feature density on the images and takes no perturbation, or only 'frozen'")
+                        "fits the feature density on the images and takes no perturbation, or only 'frozen'; "
+                        "'detector' (artifacts only) trains the input detector on them and takes no perturbation")
+    parser.add_argument("--detector-families", default=None, metavar="F1,F2",
+                        help="synthetic trigger families the detector trains on (default: all of patch,blend,sine,warp)")
+    parser.add_argument("--detector-steps", type=_positive_int, default=None,
+                        help="detector training steps (1000)")
     parser.add_argument("--backend", default="auto", metavar="B", help="auto (default), torch, onnxruntime, ...")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
@@ -399,8 +404,9 @@ def add_calibrate(commands) -> None:
 
 
 def run_calibrate(args) -> int:
-    from .alerts import DENSITY, AlertConfig
+    from .alerts import FITTED_STATISTICS, AlertConfig
     from .calibration import calibrate, model_document
+    from .detector import DetectorConfig
     from .runtime import alert_config_of
 
     _check_device(args.device)
@@ -416,15 +422,19 @@ def run_calibrate(args) -> int:
         statistic = args.statistic or current.statistic
         if args.perturbations is not None:
             perturbations = tuple(args.perturbations.split(",")) if args.perturbations else ()
-        else:  # the density takes no perturbation unless asked; the others keep the model's
-            perturbations = () if statistic == DENSITY else current.perturbations
+        else:  # the density and the detector take no perturbation unless asked; the others keep the model's
+            perturbations = () if statistic in FITTED_STATISTICS else current.perturbations
         config = AlertConfig(perturbations, statistic)
+    detector = DetectorConfig(**{name: value for name, value in (
+        ("families", args.detector_families and tuple(args.detector_families.split(","))),
+        ("steps", args.detector_steps)) if value is not None})
     images, description, labelled = calibration_images(args.data, args.split, args.limit, args.seed)
     # the feature density fits on true labels where the data has them in the model's classes
     labels = labelled[1] if labelled is not None and labelled[0] == tuple(document["classes"]) else None
     log.info("calibrating %s on %d images of %s", args.model, len(images), description)
     record = calibrate(args.model, images, args.fpr, data=description, backend=args.backend, device=args.device,
-                       config=config, batch_size=args.batch_size, progress=_progress, labels=labels)
+                       config=config, batch_size=args.batch_size, progress=_progress, labels=labels, detector=detector,
+                       training_progress=_training_progress)
     if args.json:
         emit(json.dumps(record, indent=2))
     else:
@@ -469,6 +479,10 @@ def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[li
 
 def _progress(done: int, total: int) -> None:
     print(f"calibrate: scored {done}/{total} images", file=sys.stderr, flush=True)
+
+
+def _training_progress(step: int, steps: int) -> None:
+    print(f"calibrate: trained the input detector for {step}/{steps} steps", file=sys.stderr, flush=True)
 
 
 # Each adds one subcommand.

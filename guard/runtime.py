@@ -18,11 +18,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._compat import import_open_clip
-from .alerts import (DENSITY, AlertConfig, alert_scores, density_alert, density_rows, density_scores,
-                     expand_batch)
+from .alerts import (DENSITY, DETECTOR, FITTED_STATISTICS, AlertConfig, alert_scores, density_alert, density_rows,
+                     density_scores, expand_batch)
 from .artifact import Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .density import ClassDensity
+from .detector import InputDetector
 from .errors import ArtifactError, ClosedError, InputError
 from .folded import fold
 from .inputs import resize_batch
@@ -148,20 +149,23 @@ class Guard:
     and backends whose engines hold per-call state serialise their own runs."""
 
     def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str], manifest: dict,
-                 density: Optional[ClassDensity] = None):
+                 fitted_alert: Optional[ClassDensity | InputDetector] = None):
         self._backend: Optional[Backend] = backend
         self.preprocess = preprocess
         self.classes = tuple(classes)
         self.manifest = manifest
-        self.density = density  # the feature density calibrated for the DENSITY statistic, if any
+        # what calibration fitted for the recorded alert: the DENSITY statistic's feature
+        # density or the DETECTOR statistic's input detector, if any
+        self.fitted_alert = fitted_alert
         self.alert_config = alert_config_of(manifest)
         problem = None
         if self.alert_config.needs_torch_backend and not backend.serves_tower_internals:
             recorded = f"{self.alert_config.statistic} over {list(self.alert_config.perturbations)}"
             problem = (f"the recorded alert ({recorded}) needs the frozen tower or the class token, which the "
                        f"{backend.name} backend cannot serve")
-        elif self.alert_config.statistic == DENSITY and density is None:
-            problem = "the recorded alert is the feature density, but the model holds no fitted density"
+        elif self.alert_config.statistic in FITTED_STATISTICS and not self._has_fitted(self.alert_config.statistic):
+            problem = (f"the recorded alert is the {self.alert_config.statistic}, but the model holds no fitted "
+                       f"{self.alert_config.statistic}")
         if problem:
             backend.close()
             raise ArtifactError(f"{problem}; recalibrate without it (`python -m guard calibrate MODEL --data DATA "
@@ -223,20 +227,24 @@ class Guard:
         backend = self._open_backend()
         if alert is not None and alert.needs_torch_backend:
             _check_tower_internals(backend)
-            if alert.statistic == DENSITY and self.density is None:
-                raise InputError("this model has no fitted feature density: calibrate it with "
-                                 "`python -m guard calibrate MODEL --data DATA --statistic density`")
+            if alert.statistic in FITTED_STATISTICS and not self._has_fitted(alert.statistic):
+                raise InputError(f"this model has no fitted {alert.statistic}: calibrate it with "
+                                 f"`python -m guard calibrate MODEL --data DATA --statistic {alert.statistic}`")
         logits, scores = [], []
         for resized in self._batches(inputs, batch_size, progress):
             if alert is None:
                 logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
                 continue
             expanded = self.preprocess.normalize(expand_batch(resized, alert))
-            if alert.needs_torch_backend:  # one call, never split: the frozen view's rows come last
+            if alert.statistic == DETECTOR:  # the detector reads the input, beside the plain pass
+                all_logits = backend.run(expanded)[0]
+                with torch.no_grad():
+                    scores.append(self.fitted_alert(resized.to(self.device)).float().cpu())
+            elif alert.needs_torch_backend:  # one call, never split: the frozen view's rows come last
                 frozen_rows = len(resized) if alert.uses_frozen_tower else 0
                 if alert.statistic == DENSITY:
                     all_logits, _, tokens = backend.run(expanded, frozen_rows, class_token=True)
-                    scores.append(density_scores(tokens, len(resized), alert, self.density))
+                    scores.append(density_scores(tokens, len(resized), alert, self.fitted_alert))
                 else:
                     all_logits, embeddings = backend.run(expanded, frozen_rows)
                     scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
@@ -247,6 +255,17 @@ class Guard:
         if not logits:
             return torch.empty(0, len(self.classes)), None if alert is None else torch.empty(0)
         return torch.cat(logits), None if alert is None else torch.cat(scores)
+
+    def _has_fitted(self, statistic: str) -> bool:
+        return isinstance(self.fitted_alert, {DENSITY: ClassDensity, DETECTOR: InputDetector}[statistic])
+
+    def resized(self, inputs, batch_size: int = 64,
+                progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+        """Inputs (anything classify takes; one image gives a batch of one) resized as the model
+        sees them before normalisation: float [N, 3, S, S] in [0, 1] on the CPU."""
+        batches = list(self._batches(inputs, batch_size, progress))
+        size = self.preprocess.image_size
+        return torch.cat(batches) if batches else torch.empty(0, 3, size, size)
 
     def _batches(self, inputs, batch_size: int, progress: Optional[Callable[[int, int], None]]):
         """Resized float images [B, 3, S, S] on the CPU, batch_size inputs at a time; one input
@@ -371,14 +390,16 @@ def _load_artifact(path: Path, device: torch.device) -> Guard:
     model = fold(build_classifier(artifact, device), fused=None)
     log.info("loaded %s: %d classes, %d folded prompt blocks (%s attention), backend torch on %s", artifact.path,
              len(artifact.classes), model.num_folded_blocks, "fused C++" if model.fused else "standard", device)
-    density = None
-    if artifact.alert_density is not None:
+    fitted_alert = None
+    if artifact.alert_state is not None:
+        statistic = artifact.manifest["alert"]["statistic"]
         try:
-            density = ClassDensity.from_tensors(artifact.alert_density)
+            fitted_alert = (ClassDensity.from_tensors(artifact.alert_state) if statistic == DENSITY
+                            else InputDetector.from_tensors(artifact.alert_state).to(device))
         except InputError as error:
-            raise ArtifactError(f"the feature density of {artifact.path} is unusable ({error}); recalibrate it") \
+            raise ArtifactError(f"the fitted {statistic} of {artifact.path} is unusable ({error}); recalibrate it") \
                 from error
-    return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest, density)
+    return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest, fitted_alert)
 
 
 def _load_compiled(path: Path, kind: str, device: torch.device) -> Guard:

@@ -67,9 +67,10 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
 def _inherited_alert(source_manifest: dict, precision: str) -> dict:
     """The source's alert entries. Its threshold carries over only where the scores do:
     fp32 matches the reference to ~1e-6; fp16 and int8 move them, so those start uncalibrated.
-    An alert with the frozen-tower view or the feature density does not carry over at all (a
-    compiled graph has the prompts folded into every row and returns no class token): the
-    compiled model starts with the uncalibrated default."""
+    An alert with the frozen-tower view or a statistic calibration fitted (the feature
+    density, the input detector) does not carry over at all (a compiled graph has the prompts
+    folded into every row and returns no class token, and its sidecar holds no fitted state):
+    the compiled model starts with the uncalibrated default."""
     alert, calibration = source_manifest.get("alert"), source_manifest.get("alert_calibration")
     if alert is not None and AlertConfig.from_dict(alert).needs_torch_backend:
         alert, calibration = None, None

@@ -103,7 +103,7 @@ def test_the_density_statistic_takes_no_perturbation_or_only_the_frozen_tower():
         AlertConfig(("open:3",), "density")
     with pytest.raises(InputError, match="at least one perturbation"):
         AlertConfig((), "pr_terms")
-    with pytest.raises(InputError, match="use density_scores"):
+    with pytest.raises(InputError, match="not a function of the outputs"):
         alert_scores(torch.zeros(2, 4), torch.zeros(2, 8), 2, SERVED)
     density = ClassDensity.fit(torch.randn(8, 3), torch.arange(8) % 2, 2)
     tokens = torch.randn(6, 3)
@@ -150,7 +150,7 @@ def test_calibrated_density_is_stored_and_served_as_fitted_by_hand(artifact_copy
         served = torch.tensor([result.alert_score for result in results])
         torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-3)
         assert model.alert_config.threshold == pytest.approx(record["threshold"])
-        assert record["images"] == record["density_fit_images"] == 20
+        assert record["images"] == record["fit_images"] == 20
         held_out = results[1::2]
         assert sum(result.alert for result in held_out) / len(held_out) == pytest.approx(record["clean_alert_rate"])
         # the labels are the plain classification's
@@ -160,7 +160,7 @@ def test_calibrated_density_is_stored_and_served_as_fitted_by_hand(artifact_copy
     assert DENSITY_FILE not in json.loads((artifact_copy / MANIFEST).read_text())["files"]
     assert not (artifact_copy / DENSITY_FILE).exists()
     with guard.load(artifact_copy, device="cpu") as model:
-        assert model.density is None and len(model.classify(images[:2])) == 2
+        assert model.fitted_alert is None and len(model.classify(images[:2])) == 2
 
 
 def test_predicted_labels_must_cover_every_class(artifact_copy):

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from guard.detector import smooth_field, warp_images
 from guard.errors import ArtifactError, ChecksumError, DataError, InputError
 from guard.hashing import sha256_file
 
@@ -228,9 +229,7 @@ class WaNet(Trigger):
         self.grid = grid
         self.strength = float(strength)
         if field is None:
-            offsets = torch.rand(1, 2, grid, grid, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-            offsets = offsets / offsets.abs().mean()
-            field = F.interpolate(offsets, size=image_size, mode="bicubic", align_corners=True)[0].permute(1, 2, 0)
+            field = smooth_field(grid, image_size, torch.Generator().manual_seed(seed))
         if field.shape != (image_size, image_size, 2):
             raise InputError(f"field must have shape ({image_size}, {image_size}, 2), got {tuple(field.shape)}")
         self.field = field.float()
@@ -241,17 +240,9 @@ class WaNet(Trigger):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"field": self.field}
 
-    def sampling_grid(self) -> torch.Tensor:
-        """[S, S, 2] (x, y) sampling positions in grid_sample's [-1, 1] coordinates."""
-        axis = torch.linspace(-1, 1, self.image_size)
-        rows, columns = torch.meshgrid(axis, axis, indexing="ij")
-        identity = torch.stack((columns, rows), dim=-1)
-        return (identity + self.strength * self.field / self.image_size).clamp(-1, 1)
-
     def apply(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         _check_images(images, self.image_size)
-        grid = self.sampling_grid().to(images.device, images.dtype).expand(len(images), -1, -1, -1)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return warp_images(images, self.field, self.strength)
 
 
 class BadCLIP(BadNet):

@@ -25,6 +25,10 @@ Feature density (`ClassDensity`, no perturbation): class-conditional Gaussians w
 shared, shrunk covariance, fitted on the last block's class token of clean labelled
 training images; the score is the smallest squared Mahalanobis distance to a class mean.
 It is measured on the served tower and, for a purified artifact, on its frozen tower.
+
+Input detector (guard.detector, no perturbation): a small CNN trained on the same clean
+training images against copies carrying synthetic triggers of the families given (never
+the attack's own trigger); it reads the input, not the model.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from guard.alerts import (FROZEN_TOWER, AlertConfig, alert_scores, calibrate_threshold, density_alert, density_rows,
                           expand_batch)
 from guard.density import ClassDensity
+from guard.detector import FAMILIES, DetectorConfig, InputDetector, train_detector
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP
@@ -191,6 +196,15 @@ def class_tokens_of(model: PromptedCLIP, preprocess: Preprocess, images: torch.T
     return _batched_density_outputs(model, preprocess, images, frozen, batch_size)[1]
 
 
+def detector_scores_of(forward: Forward, preprocess: Preprocess, detector: InputDetector, images: torch.Tensor,
+                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input-detector scores [N], the model's logits [N, C]) for resized images."""
+    with torch.no_grad():
+        scores, logits = zip(*((detector(batch), forward(preprocess.normalize(batch))[0].float())
+                               for batch in images.split(batch_size)))
+    return torch.cat(scores), torch.cat(logits)
+
+
 # --- adaptive attacker -----------------------------------------------------------------
 
 # What the attacker evaluates on a batch of resized triggered images: (logits [B, C] of the
@@ -215,6 +229,15 @@ def density_objective(model: PromptedCLIP, preprocess: Preprocess, density: Clas
     def objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, tokens = density_outputs(model, preprocess, images, frozen)
         return logits, density.score(tokens) / threshold
+    return objective
+
+
+def detector_objective(model: torch.nn.Module, preprocess: Preprocess, detector: InputDetector,
+                       threshold: float) -> Objective:
+    """The input detector's score past its clean threshold, softplus(score - threshold): about 0
+    where it does not flag, growing where it does; with the model's own logits."""
+    def objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(preprocess.normalize(images))[0], F.softplus(detector(images) - threshold)
     return objective
 
 
@@ -259,14 +282,17 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
                        attack_images: Optional[torch.Tensor] = None, adaptive_weights: Sequence[float] = (),
                        adaptive_steps: int = 100, adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,),
                        calibration: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                       density_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
+                       density_adaptive_weights: Sequence[float] = (), detector: Optional[DetectorConfig] = None,
+                       detector_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
     """Detection results for uint8 test images [N, C, H, W] with labels [N] on `model`
     (a module returning (logits, embedding)). overlays: uint8 clean held-out images for
     STRIP; attack_images: uint8 images the adaptive attacker trains on (not the test set),
     once per alert in adaptive_alerts and weight in adaptive_weights; calibration: uint8
     clean held-out images and their labels that the feature density is fitted on (a
     PromptedCLIP model only), attacked once per tower and weight in density_adaptive_weights
-    (weights on the score over its clean 1 % FPR threshold).
+    (weights on the score over its clean 1 % FPR threshold); detector: how the input detector
+    trains on the same calibration images (None: not measured), attacked once per weight in
+    detector_adaptive_weights (detector_objective).
     Every candidate's scores are stored under "scores" for plots (clean, triggered lists)."""
     model.eval()
     forward: Forward = model
@@ -319,6 +345,18 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
             result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
             densities[name] = density, frozen, clean_scores
 
+    result["input_detector"] = {}
+    detectors = {}  # name -> (InputDetector, clean scores), for the adaptive attacker
+    if calibration is not None and detector is not None:
+        input_detector = train_detector(preprocess.resize(calibration[0]), detector).requires_grad_(False)
+        clean_scores, _ = detector_scores_of(forward, preprocess, input_detector, clean)
+        trig_scores, trig_logits = detector_scores_of(forward, preprocess, input_detector, triggered)
+        name = "input detector, " + "+".join(detector.families)
+        result["input_detector"][name] = measure(clean_scores, trig_scores, trig_logits, 1,
+                                                 {"detector": detector.to_dict()})
+        result["scores"][name] = (clean_scores.tolist(), trig_scores.tolist())
+        detectors[name] = input_detector, clean_scores
+
     if overlays is not None:
         overlay_images = preprocess.resize(overlays)
         with torch.no_grad():
@@ -329,10 +367,10 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
                                                         strip_scores(forward, preprocess, triggered, chosen),
                                                         trig_logits, 1 + count)
 
-    attacks_density = bool(densities and density_adaptive_weights)
-    if (adaptive_weights or attacks_density) and (attack_images is None or not len(attack_images)):
+    attacks_fitted = bool(densities and density_adaptive_weights) or bool(detectors and detector_adaptive_weights)
+    if (adaptive_weights or attacks_fitted) and (attack_images is None or not len(attack_images)):
         log.warning("no images for the adaptive attacker to train on; it is skipped")
-    elif adaptive_weights or attacks_density:
+    elif adaptive_weights or attacks_fitted:
         model.requires_grad_(False)  # only the trigger learns
         train = preprocess.resize(attack_images)
 
@@ -358,6 +396,11 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
             for weight in density_adaptive_weights:
                 attack(name, objective, partial(density_scores_of, model, preprocess, density=density, frozen=frozen),
                        clean_scores, 2 if frozen else 1, weight)
+        for name, (input_detector, clean_scores) in detectors.items():
+            objective = detector_objective(model, preprocess, input_detector, calibrate_threshold(clean_scores, 0.01))
+            for weight in detector_adaptive_weights:
+                attack(name, objective, partial(detector_scores_of, forward, preprocess, input_detector), clean_scores,
+                       1, weight)
     return result
 
 
@@ -379,7 +422,8 @@ def format_table(result: dict) -> str:
         row(name + (" (default)" if entry.get("default") else ""), entry)
     for name, entry in result["strip"].items():
         row(name, entry)
-    for name, entry in [*result.get("frozen_tower", {}).items(), *result.get("density", {}).items()]:
+    for name, entry in [*result.get("frozen_tower", {}).items(), *result.get("density", {}).items(),
+                        *result.get("input_detector", {}).items()]:
         row(name, entry)
     for entry in result["adaptive"]:
         row(f"adaptive vs {entry['alert']} w={entry['weight']:g}", entry)
@@ -417,12 +461,14 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
                   candidates: Sequence[AlertConfig] = CANDIDATES, strip_counts: Sequence[int] = (2, 8),
                   adaptive_weights: Sequence[float] = (), adaptive_steps: int = 100,
                   adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,), density_images: int = 2000,
-                  density_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
+                  density_adaptive_weights: Sequence[float] = (), detector: Optional[DetectorConfig] = None,
+                  detector_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
     """evaluate_detection on `images` seeded test images of `data` for a purified artifact or
     CLIP directory `model` and the trigger recorded with `attack`; STRIP overlays and the
     adaptive attacker's images come from one seeded order of the training split, the
     attacker's after the overlays (so they depend on the largest STRIP count); the feature
-    density's `density_images` calibration images (0: none) from a second seeded order."""
+    density's and the input detector's `density_images` calibration images (0: none) from a
+    second seeded order."""
     from .evaluate import _model_image_size, load_classifier
 
     if images < 1 or any(count < 1 for count in strip_counts) or adaptive_steps < 0 or density_images < 0:
@@ -443,7 +489,7 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
                                 candidates, overlays if strip_counts else None, strip_counts,
                                 train.images[attack_pool], adaptive_weights, adaptive_steps, adaptive_alerts,
                                 (train.images[calibration], train.labels[calibration]) if density_images else None,
-                                density_adaptive_weights, seed)
+                                density_adaptive_weights, detector, detector_adaptive_weights, seed)
     result.update(model=str(model), attack=str(attack), data=data, seed=seed)
     return result
 
@@ -476,10 +522,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="alert the adaptive attacker targets, e.g. pr=open:3+median:3 (repeatable; "
                              "default: the default alert)")
     parser.add_argument("--density-images", type=int, default=2000,
-                        help="clean training images the feature density is fitted on (0 skips it)")
+                        help="clean training images the feature density is fitted on and the input detector "
+                             "trained on (0 skips both)")
     parser.add_argument("--density-adaptive-weights", type=_number_list(float), default="",
                         help="weights of the adaptive attacker against the feature density, on its score over "
                              "the clean 1 %% FPR threshold, comma-separated (default '': none)")
+    parser.add_argument("--detector-families", default=",".join(FAMILIES), metavar="F1,F2",
+                        help="synthetic trigger families the input detector trains on (default: all, "
+                             f"{','.join(FAMILIES)}; '' skips the detector)")
+    parser.add_argument("--detector-adaptive-weights", type=_number_list(float), default="",
+                        help="weights of the adaptive attacker against the input detector, comma-separated "
+                             "(default '': none)")
     parser.add_argument("--json", type=Path, help="write the results (scores included) here")
     parser.add_argument("--plot", type=Path, help="write score histograms here (.png)")
     parser.add_argument("--seed", type=int, default=0)
@@ -490,7 +543,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model, args.attack, args.data, args.images, CANDIDATES if args.candidates == "all" else (DEFAULT,),
             args.strip, args.adaptive_weights, args.adaptive_steps,
             [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT],
-            args.density_images, args.density_adaptive_weights, args.seed)
+            args.density_images, args.density_adaptive_weights,
+            DetectorConfig(families=tuple(args.detector_families.split(","))) if args.detector_families else None,
+            args.detector_adaptive_weights, args.seed)
     except (ClipGuardError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
