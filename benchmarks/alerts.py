@@ -10,8 +10,10 @@ round-robin in one process, so drift on a noisy machine hits both alike. Reports
 median latencies, the ratio with / without, and the share of the perturbations
 themselves (expand_batch on the resized images). On the torch backend it also times the
 opt-in alerts that only it serves (docs/detection.md): the default alert plus the
-frozen-tower view (4 rows per image) and the feature density on the served tower (1 row,
-its density fitted on random features of the right width: the cost does not depend on the fit).
+frozen-tower view (4 rows per image), the feature density on the served tower (1 row,
+its density fitted on random features of the right width) and the input detector (1 row
+and the detector's CNN on the resized image, its weights untrained): the cost depends on
+the shapes, not on the fit.
 Writes alerts.json and alerts.md.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import guard
 from benchmarks.inference import MODELS, _names, environment, write_artifacts
 from guard.alerts import FROZEN_TOWER, AlertConfig, expand_batch
 from guard.density import ClassDensity
+from guard.detector import InputDetector
 from guard.inputs import resize_batch
 
 log = logging.getLogger("benchmarks.alerts")
@@ -55,19 +58,28 @@ def _seconds(call) -> float:
 
 def time_alerts(model: guard.Guard, images: list[torch.Tensor], seconds: float) -> dict[str, list[float]]:
     """Round-robin timings of classify without alerts, with alerts, of the perturbations alone
-    and, on the torch backend, of the alert scores with the frozen-tower view and the density."""
+    and, on the torch backend, of the alert scores with the frozen-tower view, the density
+    and the input detector."""
     resized = resize_batch(images, model.preprocess)
     calls = {"plain": lambda: model.classify(images, batch_size=len(images), alerts=False),
              "alerts": lambda: model.classify(images, batch_size=len(images)),
              "perturbations": lambda: expand_batch(resized, model.alert_config)}
     if model.backend == "torch":
         frozen_view = AlertConfig(model.alert_config.perturbations + (FROZEN_TOWER,))
-        density = AlertConfig((), "density")
         classes, width = len(model.classes), model.class_tokens(images[:1])[1].shape[1]
         # the scoring cost depends on the shapes only, so any fit of the right shape will do
-        model.fitted_alert = ClassDensity.fit(torch.randn(4 * classes, width), torch.arange(4 * classes) % classes, classes)
+        fitted = {"density": ClassDensity.fit(torch.randn(4 * classes, width), torch.arange(4 * classes) % classes,
+                                              classes),
+                  "detector": InputDetector().eval()}
+
+        def fitted_alert(statistic: str):
+            def call():
+                model.fitted_alert = fitted[statistic]  # one statistic at a time: calls run in turn
+                return model.alert_scores(images, len(images), AlertConfig((), statistic))
+            return call
         calls["frozen_view"] = lambda: model.alert_scores(images, len(images), frozen_view)
-        calls["density"] = lambda: model.alert_scores(images, len(images), density)
+        calls["density"] = fitted_alert("density")
+        calls["detector"] = fitted_alert("detector")
     first = max(_seconds(call) for call in calls.values())  # warm-up
     repeats = max(3, min(30, round(seconds / first)))
     times = {name: [] for name in calls}
@@ -98,7 +110,7 @@ def run(models, backends, batches, seconds: float) -> list[dict]:
                                      "perturbations_ms": round(1000 * times["perturbations"], 3),
                                      "alerts_over_plain": round(times["alerts"] / times["plain"], 3),
                                      **{f"{name}_over_plain": round(times[name] / times["plain"], 3)
-                                        for name in ("frozen_view", "density") if name in times}})
+                                        for name in ("frozen_view", "density", "detector") if name in times}})
                         log.info("%s / %s / batch %d: without %.1f ms, with alerts %.1f ms (%.2fx)", model_name,
                                  backend, batch, 1000 * times["plain"], 1000 * times["alerts"],
                                  times["alerts"] / times["plain"])
@@ -111,18 +123,20 @@ def markdown(rows: list[dict], env: dict) -> str:
              f"onnxruntime {env['onnxruntime']}. Median latency of `Guard.classify` on a batch of uint8 images "
              "at the model's size, with and without the alert, round-robin in one process.", "",
              "| model | backend | batch | without alerts ms | with alerts ms | with / without | perturbations ms "
-             "| + frozen view / without | density / without |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| + frozen view / without | density / without | detector / without |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def ratio(row, name):
         return f"{row[name]:.2f}x" if name in row else "-"
     for row in rows:
         lines.append(f"| {row['model']} | {row['backend']} | {row['batch']} | {row['plain_ms']:.2f} | "
                      f"{row['alerts_ms']:.2f} | {row['alerts_over_plain']:.2f}x | {row['perturbations_ms']:.2f} | "
-                     f"{ratio(row, 'frozen_view_over_plain')} | {ratio(row, 'density_over_plain')} |")
-    lines += ["", "The last two columns (torch backend only, the opt-in alerts of docs/detection.md): "
-              "`Guard.alert_scores` with the default alert plus the frozen-tower view (4 rows per image), and "
-              "with the feature density on the served tower (1 row per image), over classify without alerts."]
+                     f"{ratio(row, 'frozen_view_over_plain')} | {ratio(row, 'density_over_plain')} | "
+                     f"{ratio(row, 'detector_over_plain')} |")
+    lines += ["", "The last three columns (torch backend only, the opt-in alerts of docs/detection.md): "
+              "`Guard.alert_scores` with the default alert plus the frozen-tower view (4 rows per image), "
+              "with the feature density on the served tower (1 row per image), and with the input detector "
+              "(1 row per image and the detector's CNN on the resized image), over classify without alerts."]
     return "\n".join(lines) + "\n"
 
 
