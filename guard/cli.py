@@ -478,7 +478,7 @@ def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[li
 
 
 def _progress(done: int, total: int) -> None:
-    print(f"calibrate: scored {done}/{total} images", file=sys.stderr, flush=True)
+    print(f"calibrate: read {done}/{total} images", file=sys.stderr, flush=True)
 
 
 def _training_progress(step: int, steps: int) -> None:

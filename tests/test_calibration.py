@@ -170,7 +170,7 @@ def test_cli_calibrate_then_classify_and_inspect(capsys, artifact_copy, image_fo
     out, err = capsys.readouterr()
     record = json.loads(out)
     assert code == 0 and record["images"] == 100 and record["fpr"] == 0.02
-    assert "chosen with seed 0" in record["data"] and "scored 100/100 images" in err
+    assert "chosen with seed 0" in record["data"] and "read 100/100 images" in err
 
     code = cli.main(["classify", str(next(image_folder.rglob("*.png"))), "--model", str(artifact_copy), "--json"])
     [result] = json.loads(capsys.readouterr().out)
