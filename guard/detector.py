@@ -101,7 +101,9 @@ def _check_families(families: Sequence[str]) -> None:
 
 
 class InputDetector(nn.Module):
-    """Two convolution stages, global average pooling and a linear score; any image size."""
+    """Two convolution stages, then a linear score of the feature maps' global average and
+    global maximum: the average sees what spreads over the image (a blend, a sine, a warp),
+    the maximum what sits in one place (a patch, wherever it is). Any image size."""
 
     def __init__(self, channels: Sequence[int] = CHANNELS):
         super().__init__()
@@ -109,12 +111,13 @@ class InputDetector(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(3, first, 3, padding=1), nn.GELU(), nn.Conv2d(first, first, 3, padding=1), nn.GELU(),
             nn.MaxPool2d(2), nn.Conv2d(first, second, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(second, second, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.score = nn.Linear(second, 1)
+            nn.Conv2d(second, second, 3, padding=1), nn.GELU())
+        self.score = nn.Linear(2 * second, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Resized images [N, 3, S, S] in [0, 1] -> scores [N]; higher = more likely triggered."""
-        return self.score(self.features(images * 2 - 1))[:, 0]
+        maps = self.features(images * 2 - 1).flatten(2)
+        return self.score(torch.cat([maps.mean(2), maps.amax(2)], 1))[:, 0]
 
     @property
     def channels(self) -> tuple[int, int]:
