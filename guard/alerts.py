@@ -38,6 +38,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .density import ClassDensity
+from .detector import InputDetector
 from .errors import InputError
 
 Perturbation = Callable[[torch.Tensor], torch.Tensor]
@@ -138,7 +140,8 @@ PERTURBATIONS = {
 # tower's; and the input detector (guard.detector), a small CNN on the resized input.
 DENSITY = "density"
 DETECTOR = "detector"
-FITTED_STATISTICS = (DENSITY, DETECTOR)
+FITTED_TYPES = {DENSITY: ClassDensity, DETECTOR: InputDetector}  # what calibration fits for each
+FITTED_STATISTICS = tuple(FITTED_TYPES)
 
 # name -> score(ch, cz, kl); ch, cz: mean cosines of embeddings and logits; kl: mean KL.
 STATISTICS = {

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from . import __version__
+from .alerts import DENSITY, DETECTOR
 from .errors import ArtifactError
 from .preprocess import Preprocess
 from .sealed import file_records, read_sealed, verify_files, write_sealed
@@ -36,7 +37,7 @@ CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 DENSITY_FILE = "alert_density.safetensors"
 DETECTOR_FILE = "alert_detector.safetensors"
 # where each alert statistic that calibration fits (guard.alerts.FITTED_STATISTICS) keeps it
-ALERT_FILES = {"density": DENSITY_FILE, "detector": DETECTOR_FILE}
+ALERT_FILES = {DENSITY: DENSITY_FILE, DETECTOR: DETECTOR_FILE}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import __version__, artifact, sidecar
-from .alerts import DENSITY, DETECTOR, FITTED_STATISTICS, AlertConfig, calibrate_threshold
+from .alerts import DENSITY, DETECTOR, FITTED_STATISTICS, FITTED_TYPES, AlertConfig, calibrate_threshold
 from .density import ClassDensity
 from .detector import DetectorConfig, InputDetector, train_detector
 from .errors import InputError
@@ -44,11 +44,10 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
     calibration record. config: the alert to calibrate (default: the model's own perturbations
     and statistic). data: a description of the images for the record. progress(done, total)
     is called after every batch, training_progress(step, steps) after every epoch of
-    training the detector. labels: the
-    images' class indices, which the "density" statistic fits on (default: the model's
-    predictions). The "density" and "detector" statistics fit on every other image and set
-    the threshold on the others; detector: how the "detector" statistic trains. Nothing is
-    written when any image fails."""
+    training the detector. labels: the images' class indices, which the "density" statistic
+    fits on (default: the model's predictions). The "density" and "detector" statistics fit
+    on every other image and set the threshold on the others; detector: how the "detector"
+    statistic trains. Nothing is written when any image fails."""
     path = Path(path)
     images = list(images)
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 < fpr < 1.0:
@@ -136,7 +135,7 @@ def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dic
     from safetensors.torch import save_file
 
     document, document_path, checksum_key = model_document(path)
-    expected = {DENSITY: ClassDensity, DETECTOR: InputDetector}.get(config.statistic, type(None))
+    expected = FITTED_TYPES.get(config.statistic, type(None))
     if not isinstance(fitted, expected):
         raise InputError(f"the {config.statistic!r} alert statistic needs "
                          + (f"a fitted {expected.__name__}" if fitted is None else "nothing fitted")

@@ -18,8 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._compat import import_open_clip
-from .alerts import (DENSITY, DETECTOR, FITTED_STATISTICS, AlertConfig, alert_scores, density_alert, density_rows,
-                     density_scores, expand_batch)
+from .alerts import (DENSITY, DETECTOR, FITTED_STATISTICS, FITTED_TYPES, AlertConfig, alert_scores, density_alert,
+                     density_rows, density_scores, expand_batch)
 from .artifact import Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .density import ClassDensity
@@ -161,8 +161,8 @@ class Guard:
         problem = None
         if self.alert_config.needs_torch_backend and not backend.serves_tower_internals:
             recorded = f"{self.alert_config.statistic} over {list(self.alert_config.perturbations)}"
-            problem = (f"the recorded alert ({recorded}) needs the frozen tower or the class token, which the "
-                       f"{backend.name} backend cannot serve")
+            problem = (f"the recorded alert ({recorded}) needs the frozen tower, the class token or what "
+                       f"calibration fitted, which the {backend.name} backend cannot serve")
         elif self.alert_config.statistic in FITTED_STATISTICS and not self._has_fitted(self.alert_config.statistic):
             problem = (f"the recorded alert is the {self.alert_config.statistic}, but the model holds no fitted "
                        f"{self.alert_config.statistic}")
@@ -257,7 +257,7 @@ class Guard:
         return torch.cat(logits), None if alert is None else torch.cat(scores)
 
     def _has_fitted(self, statistic: str) -> bool:
-        return isinstance(self.fitted_alert, {DENSITY: ClassDensity, DETECTOR: InputDetector}[statistic])
+        return isinstance(self.fitted_alert, FITTED_TYPES[statistic])
 
     def resized(self, inputs, batch_size: int = 64,
                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
@@ -319,9 +319,9 @@ class Guard:
 
 def _check_tower_internals(backend: Backend) -> None:
     if not backend.serves_tower_internals:
-        raise InputError(f"the frozen-tower view and the class token need the artifact directory on the torch "
-                         f"backend; the {backend.name} model has its prompts folded in and returns logits and "
-                         "embeddings only")
+        raise InputError(f"the frozen-tower view, the class token and fitted alerts need the artifact directory on "
+                         f"the torch backend; the {backend.name} model has its prompts folded in and returns logits "
+                         "and embeddings only")
 
 
 def alert_config_of(manifest: dict) -> AlertConfig:
@@ -394,11 +394,12 @@ def _load_artifact(path: Path, device: torch.device) -> Guard:
     if artifact.alert_state is not None:
         statistic = artifact.manifest["alert"]["statistic"]
         try:
-            fitted_alert = (ClassDensity.from_tensors(artifact.alert_state) if statistic == DENSITY
-                            else InputDetector.from_tensors(artifact.alert_state).to(device))
+            fitted_alert = FITTED_TYPES[statistic].from_tensors(artifact.alert_state)
         except InputError as error:
             raise ArtifactError(f"the fitted {statistic} of {artifact.path} is unusable ({error}); recalibrate it") \
                 from error
+        if isinstance(fitted_alert, torch.nn.Module):  # the detector runs where the model does
+            fitted_alert.to(device)
     return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest, fitted_alert)
 
 
