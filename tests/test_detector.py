@@ -240,3 +240,16 @@ def test_cli_calibrates_the_detector_on_an_image_folder(artifact_copy, tmp_path,
     assert cli.main(["calibrate", str(artifact_copy), "--data", str(folder), "--fpr", "0.05",
                      "--statistic", "detector", "--detector-families", "patch,noise"]) != 0
     assert "trigger families" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("statistic, expected", [("detector", 4000), ("density", 2000), (None, 2000)])
+def test_the_detector_calibrates_on_twice_the_images_by_default(artifact_copy, monkeypatch, statistic, expected):
+    asked = []
+
+    def calibration_images(data, split, limit, seed):
+        asked.append(limit)
+        raise InputError("stop here")
+    monkeypatch.setattr(cli, "calibration_images", calibration_images)
+    args = ["calibrate", str(artifact_copy), "--data", "fashion-mnist"] + (["--statistic", statistic] if statistic else [])
+    assert cli.main(args) != 0 and asked == [expected]
+    assert cli.main(args + ["--limit", "300"]) != 0 and asked[-1] == 300
