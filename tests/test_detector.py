@@ -253,3 +253,21 @@ def test_the_detector_calibrates_on_twice_the_images_by_default(artifact_copy, m
     args = ["calibrate", str(artifact_copy), "--data", "fashion-mnist"] + (["--statistic", statistic] if statistic else [])
     assert cli.main(args) != 0 and asked == [expected]
     assert cli.main(args + ["--limit", "300"]) != 0 and asked[-1] == 300
+
+
+def test_the_detector_alert_is_thread_safe_and_names_a_bad_item(artifact_copy):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calibrate(artifact_copy, list(smooth_images(40)), fpr=0.05, config=DETECTOR, detector=QUICK)
+    images = list(smooth_images(8, seed=6))
+    with guard.load(artifact_copy, device="cpu") as model:
+        serial = [model.classify(image).to_dict() for image in images]
+        calls = [(thread + step) % len(images) for thread in range(8) for step in range(25)]
+        with ThreadPoolExecutor(8) as pool:  # an exception in a call re-raises here
+            results = list(pool.map(lambda index: (index, model.classify(images[index]).to_dict()), calls))
+        assert len(results) == 200 and all(result == serial[index] for index, result in results)
+        # an image's score does not depend on the rest of its batch (up to float rounding)
+        batched = [result.alert_score for result in model.classify(images)]
+        assert batched == pytest.approx([result["alert_score"] for result in serial], rel=1e-5, abs=1e-6)
+        with pytest.raises(InputError, match="input 2"):
+            model.classify([images[0], images[1], torch.full((3, 32, 32), float("nan"))])
