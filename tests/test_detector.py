@@ -271,3 +271,31 @@ def test_the_detector_alert_is_thread_safe_and_names_a_bad_item(artifact_copy):
         assert batched == pytest.approx([result["alert_score"] for result in serial], rel=1e-5, abs=1e-6)
         with pytest.raises(InputError, match="input 2"):
             model.classify([images[0], images[1], torch.full((3, 32, 32), float("nan"))])
+
+
+def test_training_detection_measures_the_detector_as_served_and_attacks_it(tiny_artifact):
+    from training import detection
+    from training.attacks import Backdoor, BadNet
+    from training.evaluate import load_classifier
+
+    model, preprocess = load_classifier(str(tiny_artifact.path), CLASSES)
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    calibration = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(16) % len(CLASSES)
+    backdoor = Backdoor(BadNet(32, seed=0), 0, CLASSES[0])
+    result = detection.evaluate_detection(model, preprocess, images, labels, backdoor, (), strip_counts=(),
+                                          attack_images=images[:8], adaptive_steps=2,
+                                          calibration=(calibration, torch.arange(20) % len(CLASSES)),
+                                          detector=QUICK, detector_adaptive_weights=(1.0,))
+    name = "input detector, patch+blend+sine+warp"
+    entry = result["input_detector"][name]
+    assert entry["passes"] == 1 and entry["detector"] == QUICK.to_dict() and 0.0 <= entry["auroc"] <= 1.0
+    # the scores are those of the detector trained on the calibration images, as calibrate trains it
+    expected = train_detector(preprocess.resize(calibration), QUICK)
+    with torch.no_grad():
+        by_hand = expected(preprocess.resize(images))
+    torch.testing.assert_close(torch.tensor(result["scores"][name][0]), by_hand, rtol=1e-4, atol=1e-5)
+    [adaptive] = result["adaptive"]
+    assert (adaptive["alert"], adaptive["weight"]) == (name, 1.0) and 0.0 <= adaptive["evade@1"] <= 1.0
+    assert name in detection.format_table(result)
