@@ -119,10 +119,6 @@ class InputDetector(nn.Module):
         maps = self.features(images * 2 - 1).flatten(2)
         return self.score(torch.cat([maps.mean(2), maps.amax(2)], 1))[:, 0]
 
-    @property
-    def channels(self) -> tuple[int, int]:
-        return self.features[0].out_channels, self.features[5].out_channels
-
     def to_tensors(self) -> dict:
         return {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
 
