@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def tiny_artifact(tmp_path_factory) -> TinyArtifact:
     )
     parts.path = parts.save(tmp_path_factory.mktemp("artifact") / "purified")
     return parts
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact, tmp_path) -> Path:
+    """A private copy of the shared tiny artifact, free to calibrate or damage."""
+    return Path(shutil.copytree(tiny_artifact.path, tmp_path / "purified"))
 
 
 @pytest.fixture(scope="module")

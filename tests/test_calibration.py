@@ -5,7 +5,6 @@ was set for, and bad calibration input writes nothing."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,6 @@ from guard.inputs import resize_batch
 from guard.runtime import ALERT_CLEAR, ALERT_OFF, ALERT_RAISED, ALERT_UNCALIBRATED
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def artifact_copy(tiny_artifact, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_artifact.path, tmp_path / "purified"))
 
 
 def clean_images(count: int, seed: int = 0) -> list[torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import types
@@ -46,11 +45,6 @@ def images(tmp_path_factory) -> list[Path]:
         Image.fromarray(rng.integers(0, 256, (30 + 6 * index, 40, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
-
-
-@pytest.fixture
-def artifact_copy(tiny_artifact, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_artifact.path, tmp_path / "purified"))
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

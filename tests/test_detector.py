@@ -6,8 +6,6 @@ damaged file)."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,11 +32,6 @@ QUICK = DetectorConfig(steps=40, batch_size=32)
 def smooth_images(count: int, side: int = 32, seed: int = 0) -> torch.Tensor:
     pixels = torch.rand(count, 3, side, side, generator=torch.Generator().manual_seed(seed))
     return torch.nn.functional.avg_pool2d(pixels, 5, stride=1, padding=2)
-
-
-@pytest.fixture
-def artifact_copy(tiny_artifact, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_artifact.path, tmp_path / "purified"))
 
 
 # --- the synthetic triggers --------------------------------------------------------------
@@ -181,17 +174,22 @@ def test_calibrating_the_detector_needs_two_halves_and_writes_nothing_when_short
     assert DETECTOR_FILE not in json.loads((artifact_copy / MANIFEST).read_text())["files"]
 
 
-def test_a_damaged_or_missing_detector_is_refused_at_load(artifact_copy):
-    calibrate(artifact_copy, list(smooth_images(40)), fpr=0.05, config=DETECTOR, detector=QUICK)
-    data = bytearray((artifact_copy / DETECTOR_FILE).read_bytes())
+@pytest.mark.parametrize("config, alert_file, fit", [
+    (AlertConfig((), "density"), DENSITY_FILE, {"labels": [(index // 2) % len(CLASSES) for index in range(40)]}),
+    (DETECTOR, DETECTOR_FILE, {"detector": QUICK}),
+], ids=["density", "detector"])
+def test_a_damaged_or_missing_fitted_alert_is_refused_at_load(artifact_copy, config, alert_file, fit):
+    calibrate(artifact_copy, list(smooth_images(40)), fpr=0.05, config=config, **fit)
+    data = bytearray((artifact_copy / alert_file).read_bytes())
     data[-3] ^= 0x01
-    (artifact_copy / DETECTOR_FILE).write_bytes(bytes(data))
+    (artifact_copy / alert_file).write_bytes(bytes(data))
     with pytest.raises(ChecksumError):
         guard.load(artifact_copy, device="cpu")
+    # a manifest that records the alert without its file
     document, path, key = model_document(artifact_copy)
-    del document["files"][DETECTOR_FILE]
+    del document["files"][alert_file]
     write_sealed(path, document, key)
-    with pytest.raises(ArtifactError, match="holds no fitted detector; recalibrate without it"):
+    with pytest.raises(ArtifactError, match=f"holds no fitted {config.statistic}; recalibrate without it"):
         guard.load(artifact_copy, device="cpu")
 
 
