@@ -49,6 +49,23 @@ class TinyArtifact:
         return save_artifact(out_dir, **arguments)
 
 
+def smooth_images(count: int, seed: int = 0, side: int = 32, blur: int = 5) -> torch.Tensor:
+    """Seeded uniform noise box-blurred over blur x blur pixels: images [count, 3, side, side]
+    in [0, 1] with some local structure, for calibration tests."""
+    pixels = torch.rand(count, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.avg_pool2d(pixels, blur, stride=1, padding=blur // 2)
+
+
+def save_image_folder(folder: Path, images: torch.Tensor) -> Path:
+    """Write images [N, 3, S, S] in [0, 1] as PNG files of one unlabelled folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for index, image in enumerate(images):
+        Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{index}.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> TinyArtifact:
     open_clip = import_open_clip()

@@ -3,7 +3,6 @@ every kind of damage (a flipped byte anywhere, a missing file, a newer format, a
 path that is no artifact) is refused with a typed error."""
 import hashlib
 import json
-import shutil
 
 import pytest
 import torch
@@ -12,12 +11,6 @@ from conftest import CLASSES, PROMPT_START_BLOCK, TINY_CFG
 from guard.artifact import (CLASS_EMBEDDINGS_FILE, MANIFEST, PROMPTS_FILE, VISUAL_FILE, load_artifact,
                             read_manifest)
 from guard.errors import ArtifactError, ChecksumError
-
-
-@pytest.fixture
-def artifact_copy(tiny_artifact, tmp_path):
-    """A private copy of the shared artifact, free to damage."""
-    return shutil.copytree(tiny_artifact.path, tmp_path / "copy")
 
 
 def flip_byte(path, offset=None):

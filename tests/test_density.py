@@ -20,16 +20,15 @@ from guard.folded import fold
 from guard.runtime import build_classifier
 from guard.sealed import write_sealed
 
-from conftest import CLASSES
+from conftest import CLASSES, save_image_folder, smooth_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SERVED, FROZEN = AlertConfig((), "density"), AlertConfig(("frozen",), "density")
 
 
-def smooth_images(count: int, seed: int = 0) -> list[torch.Tensor]:
-    pixels = torch.rand(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    return list(torch.nn.functional.avg_pool2d(pixels, 3, stride=1, padding=1))
+def clean_images(count: int, seed: int = 0) -> list[torch.Tensor]:
+    return list(smooth_images(count, seed, blur=3))
 
 
 def labels_of(count: int) -> list[int]:
@@ -127,7 +126,7 @@ def test_every_model_form_returns_the_class_token_of_its_rows(tiny_artifact):
 
 @pytest.mark.parametrize("config", [SERVED, FROZEN], ids=["served tower", "frozen tower"])
 def test_calibrated_density_is_stored_and_served_as_fitted_by_hand(artifact_copy, config):
-    images = smooth_images(40)
+    images = clean_images(40)
     record = calibrate(artifact_copy, images, fpr=0.05, config=config, labels=labels_of(40))
     manifest = json.loads((artifact_copy / MANIFEST).read_text())
     assert DENSITY_FILE in manifest["files"] and manifest["alert"]["statistic"] == "density"
@@ -159,20 +158,20 @@ def test_calibrated_density_is_stored_and_served_as_fitted_by_hand(artifact_copy
 def test_predicted_labels_must_cover_every_class(artifact_copy):
     # the random tiny model sends smooth noise to few classes: no Gaussian for the others
     with pytest.raises(InputError, match="predicts none of the calibration images as classes"):
-        calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=SERVED)
+        calibrate(artifact_copy, clean_images(40), fpr=0.05, config=SERVED)
     with pytest.raises(InputError, match="40 class indices"):
-        calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=SERVED, labels=[0, 1])
+        calibrate(artifact_copy, clean_images(40), fpr=0.05, config=SERVED, labels=[0, 1])
     with pytest.raises(InputError, match="needs at least 40 clean images \\(half to fit it"):
-        calibrate(artifact_copy, smooth_images(30), fpr=0.05, config=SERVED, labels=labels_of(30))
+        calibrate(artifact_copy, clean_images(30), fpr=0.05, config=SERVED, labels=labels_of(30))
     assert DENSITY_FILE not in json.loads((artifact_copy / MANIFEST).read_text())["files"]  # nothing written
 
 
 def test_compiled_models_neither_inherit_nor_serve_the_density(artifact_copy, tmp_path):
     from export.onnx import export_onnx
 
-    calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=SERVED, labels=labels_of(40))
+    calibrate(artifact_copy, clean_images(40), fpr=0.05, config=SERVED, labels=labels_of(40))
     export_onnx(artifact_copy, tmp_path / "fp32.onnx", precision="fp32")
-    images = smooth_images(3, seed=1)
+    images = clean_images(3, seed=1)
     with guard.load(tmp_path / "fp32.onnx", device="cpu") as model:
         assert model.alert_config == AlertConfig()  # the uncalibrated default
         with pytest.raises(InputError, match="need the artifact directory on the torch backend"):
@@ -189,12 +188,7 @@ def test_compiled_models_neither_inherit_nor_serve_the_density(artifact_copy, tm
 
 
 def test_cli_calibrates_the_density_on_an_image_folder(artifact_copy, tmp_path, capsys):
-    from PIL import Image
-
-    folder = tmp_path / "clean"
-    folder.mkdir()
-    for index, image in enumerate(smooth_images(40, seed=3)):
-        Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{index}.png")
+    folder = save_image_folder(tmp_path / "clean", smooth_images(40, seed=3, blur=3))
     # an image folder carries no labels: the predictions must cover every class
     assert cli.main(["calibrate", str(artifact_copy), "--data", str(folder), "--fpr", "0.05",
                      "--statistic", "density"]) != 0
@@ -218,8 +212,8 @@ def test_builtin_calibration_data_comes_with_its_labels():
 def test_the_density_alert_is_thread_safe_and_names_a_bad_item(artifact_copy):
     from concurrent.futures import ThreadPoolExecutor
 
-    calibrate(artifact_copy, smooth_images(40), fpr=0.05, config=FROZEN, labels=labels_of(40))
-    images = smooth_images(8, seed=6)
+    calibrate(artifact_copy, clean_images(40), fpr=0.05, config=FROZEN, labels=labels_of(40))
+    images = clean_images(8, seed=6)
     with guard.load(artifact_copy, device="cpu") as model:
         serial = [model.classify(image).to_dict() for image in images]
         calls = [(thread + step) % len(images) for thread in range(8) for step in range(25)]

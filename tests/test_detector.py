@@ -21,17 +21,12 @@ from guard.errors import ArtifactError, ChecksumError, InputError
 from guard.sealed import write_sealed
 from training.detection import auroc
 
-from conftest import CLASSES
+from conftest import CLASSES, save_image_folder, smooth_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DETECTOR = AlertConfig((), "detector")
 QUICK = DetectorConfig(steps=40, batch_size=32)
-
-
-def smooth_images(count: int, side: int = 32, seed: int = 0) -> torch.Tensor:
-    pixels = torch.rand(count, 3, side, side, generator=torch.Generator().manual_seed(seed))
-    return torch.nn.functional.avg_pool2d(pixels, 5, stride=1, padding=2)
 
 
 # --- the synthetic triggers --------------------------------------------------------------
@@ -223,12 +218,7 @@ def test_store_alert_pairs_each_statistic_with_what_it_fitted(artifact_copy, tmp
 
 
 def test_cli_calibrates_the_detector_on_an_image_folder(artifact_copy, tmp_path, capsys):
-    from PIL import Image
-
-    folder = tmp_path / "clean"
-    folder.mkdir()
-    for index, image in enumerate(smooth_images(40, seed=3)):
-        Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{index}.png")
+    folder = save_image_folder(tmp_path / "clean", smooth_images(40, seed=3))
     assert cli.main(["calibrate", str(artifact_copy), "--data", str(folder), "--fpr", "0.05",
                      "--statistic", "detector", "--detector-steps", "5", "--detector-families", "patch,warp"]) == 0
     captured = capsys.readouterr()
