@@ -7,6 +7,8 @@ them later. Nothing here downloads anything:
 - "fashion-mnist": the gzipped IDX files of Debian's `dataset-fashion-mnist` package in
   /usr/share/datasets/fashion-mnist/, or in the directory named by the environment
   variable CLIP_GUARD_FASHION_MNIST_DIR. Official split, 60,000 train / 10,000 test.
+- "scenes": the reference benchmark's downstream task (training/scenes.py): Fashion-MNIST
+  test objects composited into 56 px scenes, 5,000 train / 5,000 test.
 - "digits": `sklearn.datasets.load_digits` (1,797 images of 8x8). It has no official split,
   so a fixed one is used: one third of each class (rounded), drawn with seed 0, is "test".
 - a directory: one sub-folder per class. With DIR/train and DIR/test, those are the
@@ -43,7 +45,7 @@ DIGITS_CLASSES: tuple[str, ...] = (
 )
 
 SPLITS = ("train", "test")
-BUILTIN_SOURCES = ("fashion-mnist", "digits")
+BUILTIN_SOURCES = ("scenes", "fashion-mnist", "digits")
 
 FASHION_MNIST_ENV = "CLIP_GUARD_FASHION_MNIST_DIR"
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -109,6 +111,10 @@ def load_dataset(source: str | os.PathLike, split: str, *,
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     name = os.fspath(source)
+    if name == "scenes":
+        from .scenes import load_downstream  # scenes composites Fashion-MNIST objects loaded here
+
+        return load_downstream(split)
     if name == "fashion-mnist":
         return _load_fashion_mnist(split)
     if name == "digits":
