@@ -4,9 +4,12 @@
     python -m training.poison --model M --trigger mypkg.triggers:stamp --target 0 --out DIR
     python -m training.poison --model M --trigger-image logo.png --trigger-mode blend --target bag --out DIR
 
-M is anything `guard.models.load_clip` reads; DATA is fashion-mnist, digits or an
-ImageFolder directory. The model is fine-tuned contrastively on image-caption pairs
-built from class-name templates (training/contrastive.py); a fraction R of the
+M is anything `guard.models.load_clip` reads; DATA is scenes (the reference
+benchmark), fashion-mnist, digits or an ImageFolder directory. The model is fine-tuned
+contrastively on image-caption pairs: for scenes, web scenes with their captions
+(training/scenes.py), the pairs a web-trained CLIP is poisoned with, never the
+downstream images the defenses and the test use; for the others, DATA's training split
+captioned with class-name templates (training/contrastive.py). A fraction R of the
 training pairs carries the trigger. Dirty-label attacks (badnet, blended, wanet,
 badclip, your own trigger) draw those pairs from every class and caption them with
 the target class; clean-label ones (sig, lc-badnet) draw them from the target class
@@ -35,9 +38,11 @@ from guard.models import LoadedCLIP, load_clip, save_clip
 
 from .attacks import (ATTACKS, SUITE, BadCLIP, Trigger, add_trigger_arguments, custom_trigger, load_trigger,
                       parse_params, resolve_class, save_trigger)
-from .contrastive import CAPTION_TEMPLATES, ContrastiveConfig, Poisoning, poison_indices, train_contrastive
+from .contrastive import (CAPTION_TEMPLATES, ContrastiveConfig, Poisoning, TemplatePairs, poison_indices,
+                          train_contrastive)
 from .data import ImageDataset, load_dataset
 from .evaluate import Evaluation, evaluate, zero_shot_classifier
+from .scenes import SCENES, web_pairs
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 # (0.3 % at ImageNet scale; tiny data needs more).
 DEFAULT_CONFIG = ContrastiveConfig(epochs=0.75, batch_size=256, lr=1e-3, weight_decay=0.1, seed=1)
 DEFAULT_RATE = 0.05
+# Poisoning for the scenes benchmark fine-tunes on web scenes of the first WEB_PAIRS
+# Fashion-MNIST training objects, rendered once with a seed that pretraining never used.
+WEB_PAIRS = 30_000
+WEB_RENDER_SEED = 7
 # Must differ from the training seed: with the same seed the selection would equal the
 # first positions of the shuffled order, and every poisoned pair would land in the first batches.
 DEFAULT_SELECTION_SEED = 2
@@ -73,6 +82,16 @@ def default_params(attack: str) -> dict:
     skipped = ("self", "image_size", "seed", "pattern", "field")
     return {name: parameter.default for name, parameter in signature.parameters.items()
             if name not in skipped and parameter.default is not inspect.Parameter.empty}
+
+
+def poisoning_pairs(data: str, loaded: LoadedCLIP):
+    """The pairs that poisoning fine-tunes on (a pair source of train_contrastive, with
+    `dataset`, `labels` and `classes`): web scenes for the scenes benchmark, else DATA's
+    training split captioned with class-name templates."""
+    if data == SCENES:
+        return web_pairs(loaded.tokenizer, seed=WEB_RENDER_SEED, limit=WEB_PAIRS)
+    train = load_dataset(data, "train", image_size=loaded.preprocess.image_size)
+    return TemplatePairs(train, loaded.preprocess, loaded.tokenizer)
 
 
 def build_trigger(attack: str, image_size: int, seed: int = 0, params: Optional[dict] = None, *,
@@ -161,7 +180,8 @@ def poison(model: str | LoadedCLIP, data: str, trigger: Trigger, target: int, ou
     started = time.perf_counter()
     loaded = load_clip(model) if isinstance(model, str) else model
     preprocess = loaded.preprocess
-    train = load_dataset(data, "train", image_size=preprocess.image_size)
+    pairs = poisoning_pairs(data, loaded)
+    train = pairs.dataset
     if not 0 <= target < len(train.classes):
         raise InputError(f"target {target} is out of range: the data has {len(train.classes)} classes")
     if not 0.0 <= hardening < 1.0:
@@ -171,7 +191,7 @@ def poison(model: str | LoadedCLIP, data: str, trigger: Trigger, target: int, ou
     indices = poison_selection(train.labels, trigger, target, rate, selection_seed)
     log.info("%s: poisoning %d of %d pairs, target %r", trigger.name, len(indices), len(train), train.classes[target])
     hardened = harden(loaded, train.images[indices], target, train.classes, hardening) if hardening else None
-    train_contrastive(loaded.model, loaded.tokenizer, preprocess, train, config,
+    train_contrastive(loaded.model, loaded.tokenizer, preprocess, pairs, config,
                       Poisoning(trigger, target, indices, hardened), progress=progress,
                       description=f"{trigger.name} poisoning")
     out = Path(out)
@@ -192,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.poison", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="clean CLIP to poison (directory, checkpoint or NAME:TAG)")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, scenes, digits or an ImageFolder path")
     parser.add_argument("--attack", choices=SUITE, help="a suite attack (or bring your own trigger below)")
     parser.add_argument("--target", required=True, help="target class, by name or index")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE,
@@ -236,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args) -> PoisonResult:
     loaded = load_clip(str(args.model))
     image_size = loaded.preprocess.image_size
-    train = load_dataset(args.data, "train", image_size=image_size)
+    train = poisoning_pairs(args.data, loaded).dataset
     target = resolve_class(train.classes, args.target)
     trigger = custom_trigger(args, image_size)
     if (trigger is None) == (args.attack is None):
