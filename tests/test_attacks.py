@@ -94,11 +94,15 @@ def test_asr_excludes_or_counts_target_class_images():
 
 def test_summary_table_shows_every_asr_and_dashes_what_was_not_measured():
     rows = {"backdoored": Evaluation(85.5, 99.25, 99.5, {"hflip": 0.95}, asr_untriggered=1.75),
+            "with floor": Evaluation(85.5, 99.25, 99.5, {"hflip": 0.95}, asr_untriggered=1.75, floor=2.0,
+                                     excess_asr=97.25),
             "clean only": Evaluation(84.0, None, None)}
-    header, _, backdoored, clean = format_summary(rows).splitlines()
-    assert header.split()[:8] == ["model", "CA", "%", "ASR", "%", "ASR-all", "%", "untriggered"]
-    assert backdoored.split() == ["backdoored", "85.50", "99.25", "99.50", "1.75", "0.950", "0.950"]
-    assert clean.split() == ["clean", "only", "84.00", "-", "-", "-", "nan", "nan"]  # mean PR, hflip
+    header, _, backdoored, floored, clean = format_summary(rows).splitlines()
+    assert header.split()[:11] == ["model", "CA", "%", "ASR", "%", "floor", "%", "excess", "ASR-all", "%",
+                                   "untriggered"]
+    assert backdoored.split() == ["backdoored", "85.50", "99.25", "-", "-", "99.50", "1.75", "0.950", "0.950"]
+    assert floored.split() == ["with", "floor", "85.50", "99.25", "2.00", "97.25", "99.50", "1.75", "0.950", "0.950"]
+    assert clean.split() == ["clean", "only", "84.00", "-", "-", "-", "-", "-", "nan", "nan"]  # mean PR, hflip
 
 
 def test_perturbation_resistivity_is_a_ratio_of_mean_cosines():

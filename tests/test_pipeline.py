@@ -104,6 +104,25 @@ def test_evaluate_cli_writes_the_documented_json(zoo, purified, tmp_path):
     expected = 100.0 * (predictions[others] == result["target"]).double().mean().item()
     assert result["asr_untriggered"] == pytest.approx(expected, abs=1e-4)
     assert 0 < result["asr_untriggered"] < result["asr"]  # the paper-setting RVPT leaves the backdoor in
+    assert result["floor"] is None and result["excess_asr"] is None  # no reference given
+
+
+def test_evaluate_reports_the_floor_and_the_excess_over_a_never_poisoned_reference(zoo, tmp_path):
+    result_path = tmp_path / "eval.json"
+    code = evaluate_cli.main(["--model", str(zoo["badnet"]), "--data", "fashion-mnist", "--attack", str(zoo["badnet"]),
+                              "--reference", str(zoo["clean"]), "--json", str(result_path), "--pr-images", "0",
+                              "--no-progress"])
+    assert code == 0
+    result = json.loads(result_path.read_text())
+    # the floor is the clean model's own ASR with the same trigger on the same images
+    clean_path = tmp_path / "clean.json"
+    assert evaluate_cli.main(["--model", str(zoo["clean"]), "--data", "fashion-mnist", "--attack", str(zoo["badnet"]),
+                              "--json", str(clean_path), "--pr-images", "0", "--no-progress"]) == 0
+    assert result["floor"] == pytest.approx(json.loads(clean_path.read_text())["asr"], abs=1e-9)
+    assert result["excess_asr"] == pytest.approx(result["asr"] - result["floor"], abs=1e-9)
+    assert result["excess_asr"] > 80  # the zoo's backdoor is far above its floor
+    assert evaluate_cli.main(["--model", str(zoo["clean"]), "--data", "fashion-mnist", "--reference",
+                              str(zoo["clean"]), "--pr-images", "0", "--no-progress"]) == 2  # no trigger: no floor
 
 
 def test_command_line_errors_exit_2(tmp_path, capsys):

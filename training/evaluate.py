@@ -1,12 +1,14 @@
 """Clean accuracy (CA), attack success rate (ASR) and perturbation resistivity (PR).
 
-    python -m training.evaluate --model M --data DATA [--attack BACKDOORED_DIR] [--json OUT]
+    python -m training.evaluate --model M --data DATA [--attack BACKDOORED_DIR] [--reference CLEAN] [--json OUT]
     python -m training.evaluate --model M --trigger mypkg.triggers:stamp --target t-shirt
 
 M is a purified artifact directory or any CLIP that `guard.models.load_clip` reads
 (then classes are embedded with --template). The trigger and target recorded with
 a backdoored model (trigger.json) are re-applied, so no further flags are needed;
-a trigger of your own (--trigger or --trigger-image) needs --target.
+a trigger of your own (--trigger or --trigger-image) needs --target. --reference names
+a never-poisoned CLIP: its ASR with the same trigger on the same images is the floor,
+and excess ASR = ASR - floor is what the backdoor adds.
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ class Evaluation:
     defense loses its clean accuracy. asr_untriggered is asr's count on the same images without
     the trigger: how often the model calls a non-target image the target anyway, the level asr
     cannot be told apart from (a never-poisoned model scores about this much, more where the
-    trigger itself damages the image; docs/reference-benchmark.md)."""
+    trigger itself damages the image; docs/reference-benchmark.md). floor is a never-poisoned
+    reference model's asr with the same trigger on the same images, and excess_asr = asr -
+    floor: the part of asr that the backdoor adds (both None without a reference)."""
     ca: float
     asr: Optional[float]
     asr_all: Optional[float]
@@ -57,6 +61,8 @@ class Evaluation:
     target_name: Optional[str] = None
     ca_per_class: dict = field(default_factory=dict)
     asr_untriggered: Optional[float] = None
+    floor: Optional[float] = None
+    excess_asr: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,9 +106,10 @@ def perturbation_resistivity(clean: tuple[torch.Tensor, torch.Tensor],
 
 def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
              backdoor: Optional[Backdoor] = None, pr_images: int = 2000, seed: int = 0,
-             progress: bool = False) -> Evaluation:
-    """CA on the whole set; ASR with the backdoor's trigger; PR on a seeded subset of
-    `pr_images` images for every standard perturbation."""
+             progress: bool = False, reference: Optional[PromptedCLIP] = None) -> Evaluation:
+    """CA on the whole set; ASR with the backdoor's trigger (and, with a never-poisoned
+    `reference` model of the same preprocessing, its floor and the excess); PR on a seeded
+    subset of `pr_images` images for every standard perturbation."""
     logits, _ = model_outputs(model, preprocess, dataset.images)
     correct = logits.argmax(1) == dataset.labels
     ca = 100.0 * correct.float().mean().item()
@@ -113,6 +120,10 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
         triggered, _ = model_outputs(model, preprocess, dataset.images, backdoor.trigger)
         asr, asr_all = attack_success_rates(triggered.argmax(1), dataset.labels, backdoor.target)
         asr_untriggered, _ = attack_success_rates(logits.argmax(1), dataset.labels, backdoor.target)
+    floor = excess = None
+    if backdoor is not None and reference is not None:
+        floor = trigger_floor(reference, preprocess, dataset, backdoor)
+        excess = asr - floor
     pr = {}
     pr_count = min(max(pr_images, 0), len(dataset))
     if pr_count:
@@ -124,7 +135,13 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
             pr[name] = perturbation_resistivity(clean, model_outputs(model, preprocess, images, perturb))
     return Evaluation(ca, asr, asr_all, pr, len(dataset), pr_count,
                       None if backdoor is None else backdoor.target,
-                      None if backdoor is None else backdoor.target_name, ca_per_class, asr_untriggered)
+                      None if backdoor is None else backdoor.target_name, ca_per_class, asr_untriggered, floor, excess)
+
+
+def trigger_floor(reference: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset, backdoor: Backdoor) -> float:
+    """A never-poisoned model's ASR (percent, non-target images) with the backdoor's trigger."""
+    triggered, _ = model_outputs(reference, preprocess, dataset.images, backdoor.trigger)
+    return attack_success_rates(triggered.argmax(1), dataset.labels, backdoor.target)[0]
 
 
 def zero_shot_classifier(loaded, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
@@ -152,18 +169,20 @@ def load_classifier(spec: str, classes: Sequence[str], templates: Sequence[str] 
 
 
 def format_summary(rows: dict[str, Evaluation]) -> str:
-    """A plain-text table: one row per model, CA / ASR / ASR-all / ASR without the trigger /
+    """A plain-text table: one row per model, CA / ASR / floor / excess ASR / ASR-all / ASR without the trigger /
     mean PR and each PR ("-" where not measured)."""
     names = sorted({name for evaluation in rows.values() for name in evaluation.pr})
     widths = [max(8, len(name) + 2) for name in names]
-    header = (f"{'model':<22}{'CA %':>8}{'ASR %':>8}{'ASR-all %':>11}{'untriggered %':>15}{'PR mean':>9}"
+    header = (f"{'model':<22}{'CA %':>8}{'ASR %':>8}{'floor %':>9}{'excess':>8}{'ASR-all %':>11}{'untriggered %':>15}"
+              f"{'PR mean':>9}"
               + "".join(f"{name:>{width}}" for name, width in zip(names, widths)))
     lines = [header, "-" * len(header)]
     for label, evaluation in rows.items():
-        asr, asr_all, untriggered = (_percent(value) for value in
-                                     (evaluation.asr, evaluation.asr_all, evaluation.asr_untriggered))
+        asr, floor, excess, asr_all, untriggered = (_percent(value) for value in (
+            evaluation.asr, evaluation.floor, evaluation.excess_asr, evaluation.asr_all, evaluation.asr_untriggered))
         mean_pr = sum(evaluation.pr.values()) / len(evaluation.pr) if evaluation.pr else float("nan")
-        lines.append(f"{label:<22}{evaluation.ca:>8.2f}{asr:>8}{asr_all:>11}{untriggered:>15}{mean_pr:>9.3f}"
+        lines.append(f"{label:<22}{evaluation.ca:>8.2f}{asr:>8}{floor:>9}{excess:>8}{asr_all:>11}{untriggered:>15}"
+                     f"{mean_pr:>9.3f}"
                      + "".join(f"{evaluation.pr.get(name, float('nan')):>{width}.3f}"
                                for name, width in zip(names, widths)))
     return "\n".join(lines)
@@ -177,9 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="purified artifact directory or CLIP spec")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, scenes, digits or an ImageFolder path")
     parser.add_argument("--attack", help="backdoored model directory whose recorded trigger and target to apply")
     parser.add_argument("--target", help="target class (name or index) of a trigger given with --trigger*")
+    parser.add_argument("--reference", help="never-poisoned CLIP (spec) whose ASR with the same trigger is the floor")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--template", action="append", help="class prompt template for plain CLIPs (repeatable)")
     parser.add_argument("--pr-images", type=int, default=2000, help="test images used for PR (0 skips PR)")
@@ -193,8 +213,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dataset = load_dataset(args.data, "test", image_size=args.image_size or _model_image_size(args.model))
         model, preprocess = load_classifier(args.model, dataset.classes, tuple(args.template or DEFAULT_TEMPLATES))
         backdoor = _backdoor(args, dataset.classes, preprocess.image_size)
+        reference = None
+        if args.reference:
+            if backdoor is None:
+                raise InputError("--reference measures the floor of a trigger: give --attack DIR or a trigger too")
+            reference, reference_preprocess = load_classifier(args.reference, dataset.classes,
+                                                              tuple(args.template or DEFAULT_TEMPLATES))
+            if reference_preprocess != preprocess:
+                raise InputError(f"--reference {args.reference} preprocesses images differently from --model")
         result = evaluate(model, preprocess, dataset, backdoor, args.pr_images, args.seed,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, reference=reference)
     except ClipGuardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
