@@ -130,6 +130,18 @@ class Classification:
                 "alert_score": self.alert_score, "threshold": self.threshold, "alert": self.alert,
                 "alert_status": self.alert_status}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Classification":
+        """The inverse of to_dict: a result read back from JSON (the guard service's answers) equals
+        the one that was written, floats included (JSON keeps Python floats exactly)."""
+        try:
+            probs = data["probs"]
+            return cls(str(data["label"]), int(data["index"]), tuple(float(p) for p in probs.values()),
+                       tuple(probs), data["alert_score"], data["threshold"], data["alert"], str(data["alert_status"]))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise InputError(f"not a classification result (the JSON of Classification.to_dict): {error!r}") \
+                from error
+
 
 def _classification(classes: tuple[str, ...], logits: torch.Tensor, score: Optional[float],
                     threshold: Optional[float]) -> Classification:
