@@ -21,9 +21,11 @@ the others.
 
 Images are decoded and resized in a thread pool, never on the event loop; the resized
 images of concurrent requests go through the dynamic batcher (guard.serve.batching) into
-one `Guard.classify` call, which runs in its own thread. Results equal the library's for
-the same bytes: the batch call sees the same resized pixels, and a result does not depend
-on the rest of its batch (guard.alerts).
+one `Guard.classify` call, which runs in its own thread. Results are the library's for the
+same bytes: the batch call sees the same resized pixels, and an image's alert does not
+depend on the rest of its batch (guard.alerts); only the last bits of the floats may differ
+from a one-image call where the backend's matrix products round differently for another
+batch size (`Classification.agrees_with`; torch's CPU kernels do, by about 1e-7).
 """
 from __future__ import annotations
 
@@ -73,7 +75,12 @@ class ServeConfig:
     call per image instead (concurrently, `threads` at a time). max_body_bytes: the largest
     request body; max_images: the most images in one JSON request. alerts: compute the
     trigger alert (1 + K forward rows per image) or classify only. threads: the pool that
-    decodes images. shutdown_timeout: seconds to let in-flight requests finish on SIGTERM."""
+    decodes images. shutdown_timeout: seconds to let in-flight requests finish on SIGTERM.
+    torch_threads: torch's intra-op threads, set for the whole process when the model has
+    loaded; None: torch's default on the torch backend, 1 on the others, whose engines have
+    their own thread pool. There the torch work around the engine (resizing, the alert's
+    perturbations and score) is small, and two pools spin-waiting on the same cores made
+    one onnxruntime call of the tiny model take 60 ms instead of 2 (docs/serving.md)."""
     max_batch: int = 32
     max_wait_ms: float = 2.0
     batching: bool = True
@@ -82,10 +89,13 @@ class ServeConfig:
     alerts: bool = True
     threads: int = 4
     shutdown_timeout: int = 30
+    torch_threads: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("max_batch", "max_body_bytes", "max_images", "threads", "shutdown_timeout"):
+        for name in ("max_batch", "max_body_bytes", "max_images", "threads", "shutdown_timeout", "torch_threads"):
             value = getattr(self, name)
+            if name == "torch_threads" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
@@ -150,6 +160,9 @@ class GuardService:
             if self.on_load_error is not None:
                 self.on_load_error(error)
             return
+        torch_threads = self.config.torch_threads or (None if model.backend == "torch" else 1)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
         self.model = model
         alert = model.alert_config
         self.metrics.model_info.info({"backend": model.backend, "device": str(model.device),
@@ -394,10 +407,12 @@ def create_app(service: GuardService) -> FastAPI:
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free port; read it from getsockname)."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0][:3]
     except socket.gaierror as error:
         raise InputError(f"--host {host!r} is not an address or name this machine resolves ({error})") from error
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only on sockets that say they are TCP, and
+    # with it on, a response's header and body writes wait for the client's delayed ACK (40 ms a request)
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
