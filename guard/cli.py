@@ -530,6 +530,9 @@ def add_serve(commands) -> None:
     parser.add_argument("--threads", type=_positive_int, default=4, help="threads that decode images (4)")
     parser.add_argument("--shutdown-timeout", type=_positive_int, default=30,
                         help="seconds in-flight requests get to finish on SIGTERM (30)")
+    parser.add_argument("--torch-threads", type=_positive_int, default=None,
+                        help="torch's intra-op threads (default: torch's choice on the torch backend, 1 on compiled "
+                             "backends, whose engines have their own threads)")
     parser.set_defaults(run=run_serve)
 
 
@@ -539,7 +542,8 @@ def run_serve(args) -> int:
     _check_device(args.device)
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
                          max_body_bytes=args.max_body_bytes, max_images=args.max_images, alerts=not args.no_alerts,
-                         threads=args.threads, shutdown_timeout=args.shutdown_timeout)
+                         threads=args.threads, shutdown_timeout=args.shutdown_timeout,
+                         torch_threads=args.torch_threads)
     serve(args.model, host=args.host, port=args.port, backend=args.backend, device=args.device, config=config,
           status=_serve_status)
     return EXIT_OK
