@@ -484,3 +484,27 @@ def test_serve_exit_codes(calibrated, tmp_path):
     assert process.wait(timeout=WAIT_S) == 3  # it listened, the model failed to load, it stopped
     wait_for(lambda: any(line.startswith("error: ") for line in lines), "the error line")
     assert any("listening on" in line for line in lines) and "visual.safetensors" in lines[-1]
+
+
+def test_the_listening_socket_is_tcp_so_asyncio_turns_nagle_off():
+    # asyncio sets TCP_NODELAY only on sockets whose proto says TCP; with Nagle on, a response's
+    # header and body writes waited for the client's delayed ACK (40 ms per request, measured)
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
+
+
+def test_the_serving_benchmark_runs_end_to_end():
+    """Two `python -m guard serve` children and the library, on the tiny model; timings are not asserted."""
+    from benchmarks import serve as bench
+
+    results = bench.run([("tiny", "torch")], [1, 2], requests=3, seconds=30)
+    assert [(r.mode, r.clients) for r in results] == [(mode, clients) for clients in (1, 2) for mode in bench.MODES]
+    assert all(r.requests > 0 and r.errors == 0 for r in results)
+    assert all((r.mean_batch is None) == (r.mode == "library") for r in results)
+    [row_1, row_2] = bench.comparisons(results)
+    assert (row_1["clients"], row_2["clients"]) == (1, 2) and row_2["batching_over_no_batching"] > 0
+    text = bench.markdown(results, [row_1, row_2], bench.environment(), "python -m benchmarks.serve", "")
+    assert "| tiny | torch | 2 |" in text
