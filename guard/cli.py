@@ -4,7 +4,7 @@
     python -m guard inspect PURIFIED [--json]
     python -m guard doctor [--json]
     python -m guard calibrate PURIFIED --data DATA [--fpr 0.01] [--json]
-    python -m guard serve PURIFIED [--host 127.0.0.1] [--port 8080] [--max-batch 32] [--max-wait-ms 2]
+    python -m guard serve PURIFIED [--host 127.0.0.1] [--port 8080] [--max-batch 32] [--max-wait-ms 0]
 
 Exit codes: 0 success; 2 usage or input error (bad arguments, an unreadable image);
 3 artifact or model error (missing, damaged or unloadable model); 1 unexpected error.
@@ -517,8 +517,9 @@ def add_serve(commands) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
     parser.add_argument("--max-batch", type=_positive_int, default=32,
                         help="most images of concurrent requests in one model call (32)")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0,
-                        help="how long a batch waits for more images after its first (2 ms)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="how long a batch waits for more images after its first (0: it takes what is queued "
+                             "when the model is free)")
     parser.add_argument("--no-batching", action="store_true",
                         help="one model call per image, concurrently (for comparison)")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=16 * 2 ** 20,

@@ -71,7 +71,11 @@ class ServeConfig:
     """How the service batches, limits and answers requests.
 
     max_batch, max_wait_ms: dynamic batching gathers up to max_batch images of concurrent
-    requests, waiting at most max_wait_ms after the first; batching=False runs one model
+    requests, waiting at most max_wait_ms after the first. The default wait, 0, takes what is
+    queued when the model is free (Triton's default too): under load the next batch fills while
+    one runs, and a lone request never waits for a timer (which oversleeps on a loaded machine;
+    docs/benchmarks/serve.md). A wait fills batches at moderate load, at its cost in latency.
+    batching=False runs one model
     call per image instead (concurrently, `threads` at a time). max_body_bytes: the largest
     request body; max_images: the most images in one JSON request. alerts: compute the
     trigger alert (1 + K forward rows per image) or classify only. threads: the pool that
@@ -82,7 +86,7 @@ class ServeConfig:
     perturbations and score) is small, and two pools spin-waiting on the same cores made
     one onnxruntime call of the tiny model take 60 ms instead of 2 (docs/serving.md)."""
     max_batch: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     batching: bool = True
     max_body_bytes: int = 16 * 2 ** 20
     max_images: int = 64

@@ -1,6 +1,6 @@
 """Dynamic batching for the guard service: images of concurrent requests gathered into one backend call.
 
-    batcher = DynamicBatcher(run_batch, executor, max_batch=32, max_wait=0.002)
+    batcher = DynamicBatcher(run_batch, executor, max_batch=32, max_wait=0.0)
     batcher.start()
     result = await batcher.submit(image)     # from many request handlers at once
     await batcher.stop()                     # runs what is still queued, then ends
@@ -42,7 +42,7 @@ def _settle(future: asyncio.Future, outcome) -> None:
 class DynamicBatcher:
     """Gathers submitted items into calls of run_batch (see the module docstring)."""
 
-    def __init__(self, run_batch: RunBatch, executor: Executor, max_batch: int = 32, max_wait: float = 0.002):
+    def __init__(self, run_batch: RunBatch, executor: Executor, max_batch: int = 32, max_wait: float = 0.0):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not max_wait >= 0:
