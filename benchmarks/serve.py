@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -309,7 +310,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
-    command = "python -m benchmarks.serve " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in given:  # the note is printed as a paragraph of its own, not in the command
+        del given[given.index("--note"):given.index("--note") + 2]
+    command = shlex.join(["python", "-m", "benchmarks.serve", *given])
 
     started = time.perf_counter()
     results = run(args.configs, args.clients, args.requests, args.seconds, args.max_wait_ms)
@@ -320,7 +324,7 @@ def main(argv=None) -> int:
               "seconds": round(time.perf_counter() - started, 1), "comparisons": rows,
               "measurements": [asdict(r) for r in results]}
     (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(results, rows, env, command.strip(), args.note)
+    text = markdown(results, rows, env, command, args.note)
     (args.out / "serve.md").write_text(text)
     print(text)
     return 0
