@@ -209,7 +209,8 @@ def run(configs: list[tuple[str, str]], client_counts: list[int], requests: int,
                 path = scratch / "prompted.onnx"
             files = png_files(side)
             wait = () if max_wait_ms is None else ("--max-wait-ms", str(max_wait_ms))
-            services = {"batching": Service(path, "--max-batch", "32", *wait), "no batching": Service(path, "--no-batching")}
+            services = {"batching": Service(path, "--max-batch", "32", *wait),
+                        "no batching": Service(path, "--no-batching")}
             try:
                 with guard.load(path, device="cpu") as model:
                     expected = [model.classify(io.BytesIO(blob)) for blob in files]
@@ -273,11 +274,13 @@ def markdown(results: list[Measurement], rows: list[dict], env: dict, command: s
              "| batching p50 ms | no batching p50 ms | 1.2 x library p50 + 5 ms |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['backend']} | {row['clients']} | {row['batching_over_no_batching']:.2f}x "
-                     f"| {row['batching_over_library']:.2f}x | {row['library_p50_ms']:.2f} | {row['batching_p50_ms']:.2f} "
+        lines.append(f"| {row['model']} | {row['backend']} | {row['clients']} "
+                     f"| {row['batching_over_no_batching']:.2f}x | {row['batching_over_library']:.2f}x "
+                     f"| {row['library_p50_ms']:.2f} | {row['batching_p50_ms']:.2f} "
                      f"| {row['no_batching_p50_ms']:.2f} | {row['p50_bound_ms']:.2f} |")
     lines += ["", "## Measurements", "",
-              "| model | backend | mode | clients | requests | errors | exact | images/s | p50 ms | p99 ms | mean batch |",
+              "| model | backend | mode | clients | requests | errors | exact | images/s | p50 ms | p99 ms "
+              "| mean batch |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         batch = "–" if r.mean_batch is None else f"{r.mean_batch:.1f}"
@@ -299,7 +302,8 @@ def _configs(text: str) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=_configs, default=_configs("tiny:torch,tiny:onnxruntime,vit-b-32:onnxruntime"))
+    parser.add_argument("--configs", type=_configs,
+                        default=_configs("tiny:torch,tiny:onnxruntime,vit-b-32:onnxruntime"))
     parser.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=200, help="most requests per client and measurement")
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per measurement")

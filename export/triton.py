@@ -86,8 +86,9 @@ def onnx_io(path: Path) -> tuple[list[Tensor], list[Tensor], dict]:
                                     "this exporter does not map to a Triton type")
             dims = tensor_type.shape.dim
             if not dims or dims[0].HasField("dim_value"):
-                raise ArtifactError(f"{path}: {value.name} has no dynamic batch axis (shape "
-                                    f"{[d.dim_value or d.dim_param for d in dims]}); export it with python -m export.onnx")
+                shape = [d.dim_value or d.dim_param for d in dims]
+                raise ArtifactError(f"{path}: {value.name} has no dynamic batch axis (shape {shape}); export it "
+                                    "with python -m export.onnx")
             found.append(Tensor(value.name, ONNX_TYPES[tensor_type.elem_type],
                                 tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:])))
         return found

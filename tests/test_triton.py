@@ -110,7 +110,8 @@ def test_the_sidecar_records_the_artifact_checksum_and_calibration(repository, c
 
 
 def test_the_served_graph_classifies_as_the_artifact(repository, calibrated):
-    images = list(smooth_images(6, seed=4, side=40)) + [torch.rand(3, 30, 44, generator=torch.Generator().manual_seed(3))]
+    odd_size = torch.rand(3, 30, 44, generator=torch.Generator().manual_seed(3))
+    images = list(smooth_images(6, seed=4, side=40)) + [odd_size]
     with guard.load(calibrated, device="cpu") as artifact, \
             guard.load(repository / "guarded" / "1" / "model.onnx", device="cpu") as served:
         expected, got = artifact.classify(images), served.classify(images)

@@ -134,9 +134,11 @@ class GuardService:
         self._stopped = False
         self._decode_pool = ThreadPoolExecutor(config.threads, thread_name_prefix="guard-decode")
         # With batching, one batch runs at a time and the next gathers meanwhile; without, calls run side by side.
-        self._model_pool = ThreadPoolExecutor(1 if config.batching else config.threads, thread_name_prefix="guard-model")
+        self._model_pool = ThreadPoolExecutor(1 if config.batching else config.threads,
+                                              thread_name_prefix="guard-model")
         if config.batching:
-            self.batcher = DynamicBatcher(self._run_batch, self._model_pool, config.max_batch, config.max_wait_ms / 1000)
+            self.batcher = DynamicBatcher(self._run_batch, self._model_pool, config.max_batch,
+                                          config.max_wait_ms / 1000)
         else:
             self.batcher = Unbatched(self._run_batch, self._model_pool)
         self.metrics.queued.set_function(lambda: self.batcher.queued)
