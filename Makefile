@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[training,onnxruntime,test]"
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[training,onnxruntime,test,serve]"
 	-$(PY) -m cpp_ext build  # the fused C++ operator (about 30 s); optional: serving falls back without it
 	touch $@
 

@@ -1,6 +1,6 @@
 """clip-guard runtime: load a purified CLIP and classify images."""
 from .errors import (ArtifactError, ChecksumError, ClipGuardError, ClosedError, DataError, ExportError, InputError,
-                     MissingDependencyError, ModelLoadError)
+                     MissingDependencyError, ModelLoadError, ServiceError)
 
 __version__ = "0.1.0"
 
@@ -8,4 +8,5 @@ __version__ = "0.1.0"
 from .runtime import Classification, Guard, load  # noqa: E402
 
 __all__ = ["ArtifactError", "ChecksumError", "Classification", "ClipGuardError", "ClosedError", "DataError",
-           "ExportError", "Guard", "InputError", "MissingDependencyError", "ModelLoadError", "__version__", "load"]
+           "ExportError", "Guard", "InputError", "MissingDependencyError", "ModelLoadError", "ServiceError",
+           "__version__", "load"]

@@ -4,6 +4,7 @@
     python -m guard inspect PURIFIED [--json]
     python -m guard doctor [--json]
     python -m guard calibrate PURIFIED --data DATA [--fpr 0.01] [--json]
+    python -m guard serve PURIFIED [--host 127.0.0.1] [--port 8080] [--max-batch 32] [--max-wait-ms 0]
 
 Exit codes: 0 success; 2 usage or input error (bad arguments, an unreadable image);
 3 artifact or model error (missing, damaged or unloadable model); 1 unexpected error.
@@ -488,5 +489,70 @@ def _training_progress(step: int, steps: int) -> None:
     print(f"calibrate: trained the input detector for {step}/{steps} steps", file=sys.stderr, flush=True)
 
 
+# --- serve --------------------------------------------------------------------------------
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535 (0: any free port), got {value}")
+    return value
+
+
+def add_serve(commands) -> None:
+    parser = _subparser(commands, "serve", "serve a purified model over HTTP (needs the serve extra)",
+                        "Serve a purified model over HTTP until SIGTERM or Ctrl-C (in-flight requests\n"
+                        "finish first): POST /v1/classify (an image file's bytes, or JSON {\"images\":\n"
+                        "[base64, ...]}), GET /healthz, GET /metrics (Prometheus). Images of concurrent\n"
+                        "requests are batched into one model call. Progress lines go to stderr. See\n"
+                        "docs/serving.md.")
+    parser.add_argument("model", metavar="PURIFIED", help="purified artifact directory (or a compiled model "
+                                                          "guard.load reads)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0: every "
+                                                            "interface)")
+    parser.add_argument("--port", type=_port, default=8080, help="port to listen on (8080; 0: any free port)")
+    parser.add_argument("--backend", default="auto", metavar="B", help="auto (default), torch, onnxruntime, ...")
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
+    parser.add_argument("--max-batch", type=_positive_int, default=32,
+                        help="most images of concurrent requests in one model call (32)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="how long a batch waits for more images after its first (0: it takes what is queued "
+                             "when the model is free)")
+    parser.add_argument("--no-batching", action="store_true",
+                        help="one model call per image, concurrently (for comparison)")
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=16 * 2 ** 20,
+                        help="largest request body accepted (16 MiB); larger ones get 413")
+    parser.add_argument("--max-images", type=_positive_int, default=64,
+                        help="most images in one JSON request (64); more get 413")
+    parser.add_argument("--no-alerts", action="store_true",
+                        help="classify only: skip the trigger alert and its extra forward rows")
+    parser.add_argument("--threads", type=_positive_int, default=4, help="threads that decode images (4)")
+    parser.add_argument("--shutdown-timeout", type=_positive_int, default=30,
+                        help="seconds in-flight requests get to finish on SIGTERM (30)")
+    parser.add_argument("--torch-threads", type=_positive_int, default=None,
+                        help="torch's intra-op threads (default: torch's choice on the torch backend, 1 on compiled "
+                             "backends, whose engines have their own threads)")
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    from .serve import ServeConfig, serve  # MissingDependencyError without the serve extra
+
+    _check_device(args.device)
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
+                         max_body_bytes=args.max_body_bytes, max_images=args.max_images, alerts=not args.no_alerts,
+                         threads=args.threads, shutdown_timeout=args.shutdown_timeout,
+                         torch_threads=args.torch_threads)
+    serve(args.model, host=args.host, port=args.port, backend=args.backend, device=args.device, config=config,
+          status=_serve_status)
+    return EXIT_OK
+
+
+def _serve_status(line: str) -> None:
+    print(f"serve: {line}", file=sys.stderr, flush=True)
+
+
 # Each adds one subcommand.
-SUBCOMMANDS = [add_classify, add_inspect, add_doctor, add_calibrate]
+SUBCOMMANDS = [add_classify, add_inspect, add_doctor, add_calibrate, add_serve]

@@ -36,3 +36,7 @@ class ClosedError(ClipGuardError, RuntimeError):
 
 class ExportError(ClipGuardError, RuntimeError):
     """A model could not be compiled, or the compiled model disagrees with the reference."""
+
+
+class ServiceError(ClipGuardError, RuntimeError):
+    """A model server (the guard service, Triton) could not be reached or failed to answer."""

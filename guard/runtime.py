@@ -130,6 +130,31 @@ class Classification:
                 "alert_score": self.alert_score, "threshold": self.threshold, "alert": self.alert,
                 "alert_status": self.alert_status}
 
+    def agrees_with(self, other: "Classification", tolerance: float = 1e-5) -> bool:
+        """The same label, classes, threshold and alert outcome, with every probability and the alert
+        score within `tolerance`: what two runs of one model share when only float rounding differs
+        (a batch and a single image round differently in the matrix products of some backends)."""
+        if (self.label, self.index, self.classes, self.threshold, self.alert, self.alert_status) != \
+                (other.label, other.index, other.classes, other.threshold, other.alert, other.alert_status):
+            return False
+        if (self.alert_score is None) != (other.alert_score is None):
+            return False
+        if self.alert_score is not None and not abs(self.alert_score - other.alert_score) <= tolerance:
+            return False
+        return all(abs(mine - theirs) <= tolerance for mine, theirs in zip(self.probs, other.probs))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Classification":
+        """The inverse of to_dict: a result read back from JSON (the guard service's answers) equals
+        the one that was written, floats included (JSON keeps Python floats exactly)."""
+        try:
+            probs = data["probs"]
+            return cls(str(data["label"]), int(data["index"]), tuple(float(p) for p in probs.values()),
+                       tuple(probs), data["alert_score"], data["threshold"], data["alert"], str(data["alert_status"]))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise InputError(f"not a classification result (the JSON of Classification.to_dict): {error!r}") \
+                from error
+
 
 def _classification(classes: tuple[str, ...], logits: torch.Tensor, score: Optional[float],
                     threshold: Optional[float]) -> Classification:
