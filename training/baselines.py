@@ -48,7 +48,8 @@ from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder
 
-from .contrastive import CAPTION_TEMPLATES, ContrastiveConfig, multi_positive_clip_loss, train_contrastive
+from .contrastive import (CAPTION_TEMPLATES, ContrastiveConfig, TemplatePairs, multi_positive_clip_loss,
+                          train_contrastive)
 from .configs import with_overrides
 from .data import ImageDataset
 
@@ -220,7 +221,7 @@ def finetune(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, shots: Im
     # CleanCLIP's augmentations draw from a generator of their own for the same reason.
     weight = config.self_supervised_weight
     views = torch.Generator().manual_seed(config.seed + 1)
-    caption_ids = tokenizer([t.format(name) for name in shots.classes for t in CAPTION_TEMPLATES])
+    caption_ids = TemplatePairs(shots, preprocess, tokenizer).caption_ids  # the captions the loop draws from
     in_modality = []  # (image_ss, text_ss) of every step
 
     def self_supervised(images, classes, templates, scale):
