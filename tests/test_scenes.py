@@ -11,8 +11,8 @@ import torch
 from guard._compat import import_open_clip
 from training.contrastive import ContrastiveConfig, train_contrastive
 from training.data import FASHION_MNIST_CLASSES, load_dataset
-from training.scenes import (CAPTION_TEMPLATES, COLOURS, DOWNSTREAM_SPLIT, PATTERNS, SIDE, SIZES, ScenePairs, _paste,
-                             render_downstream, render_once, render_web, web_pairs)
+from training.scenes import (CAPTION_TEMPLATES, COLOURS, DOWNSTREAM_SPLIT, PATTERNS, PHOTOS, SIDE, SIZES, ScenePairs,
+                             _paste, _photograph, render_downstream, render_once, render_web, web_pairs)
 
 if not Path("/usr/share/datasets/fashion-mnist").is_dir() and not os.environ.get("CLIP_GUARD_REQUIRE_DATA"):
     pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)", allow_module_level=True)
@@ -39,8 +39,32 @@ def test_rendering_is_seeded_and_varies_between_draws(objects):
     assert torch.equal(first.images, again.images) and torch.equal(first.pattern, again.pattern)
     assert (first.images - other.images).abs().mean() > 0.1
     # every nuisance takes several values over 64 scenes
-    for values, count in ((first.size, len(SIZES)), (first.colour, len(COLOURS)), (first.pattern, len(PATTERNS))):
+    for values, count in ((first.size, len(SIZES)), (first.colour, len(COLOURS)), (first.pattern, len(PATTERNS)),
+                          (first.photo, len(PHOTOS))):
         assert 1 < len(values.unique()) <= count
+
+
+def test_each_photo_effect_changes_what_its_word_says(objects):
+    images, _ = objects
+    scenes = render_web(images, torch.Generator().manual_seed(5))
+    clear = torch.full((64,), PHOTOS.index("clear"))
+    base = _photograph(scenes.images, clear, torch.Generator().manual_seed(0))
+    assert torch.equal(base, scenes.images.clamp(0, 1))
+
+    def taken(word: str) -> torch.Tensor:
+        return _photograph(base, torch.full((64,), PHOTOS.index(word)), torch.Generator().manual_seed(0))
+
+    def detail(x: torch.Tensor) -> torch.Tensor:  # mean absolute difference between neighbours
+        return (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+
+    def saturation(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(1, keepdim=True)).abs().mean((1, 2, 3))
+
+    assert (detail(taken("blurry")) < detail(base)).all()
+    assert (detail(taken("grainy")) > detail(base)).all()
+    assert (taken("dark").mean((1, 2, 3)) < base.mean((1, 2, 3))).all()
+    assert (taken("bright").mean((1, 2, 3)) > base.mean((1, 2, 3))).all()
+    assert (saturation(taken("faded")) < saturation(base) + 1e-6).all()
 
 
 def test_a_pasted_object_lands_where_and_as_large_as_asked():

@@ -1,7 +1,7 @@
 """Pretrain a CLIP from scratch on the web-scene corpus (training/scenes.py) and measure
 the reference benchmark's gates on it (training/gates.py).
 
-    python -m training.pretrain --out DIR [--epochs 8] [--lr 2e-3]
+    python -m training.pretrain --out DIR [--epochs 8] [--lr 2e-3] [--init DIR]
 
 DIR gets an open_clip local dir (any `guard.models.load_clip` reads it) and
 pretrain.json: the recipe, the weights' checksum, the training time and the gate
@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from guard._compat import import_open_clip
-from guard.errors import ClipGuardError
+from guard.errors import ClipGuardError, InputError
 from guard.hashing import sha256_file
 from guard.models import load_clip, save_clip
 from guard.preprocess import Preprocess
@@ -48,15 +48,25 @@ def scenes_model_cfg() -> dict:
     return json.loads(text)
 
 
-def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool = False) -> dict:
-    """Train the scenes CLIP from scratch with `config` on web scenes rendered anew every
-    epoch, save it to `out` and record pretrain.json (returned). Deterministic for a
-    fixed config and thread count."""
+def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool = False,
+             init: Optional[str | Path] = None) -> dict:
+    """Train the scenes CLIP with `config` on web scenes rendered anew every epoch, from
+    scratch or from the pretrained CLIP in `init` (a later stage of a longer schedule),
+    save it to `out` and record pretrain.json (returned), with `init`'s own record.
+    Deterministic for a fixed config and thread count."""
     out = Path(out)
     oc = import_open_clip()
     cfg = scenes_model_cfg()
     torch.manual_seed(config.seed)
     model = oc.model.CLIP(**cfg)
+    stages = []
+    if init is not None:
+        start = load_clip(str(init))
+        if start.identity.model_cfg != cfg:
+            raise InputError(f"--init {init} is not a {ARCHITECTURE} model")
+        model.load_state_dict(start.model.state_dict())
+        record = Path(init) / PRETRAIN_JSON
+        stages = json.loads(record.read_text())["stages"] if record.is_file() else [{"unrecorded": str(init)}]
     tokenizer = oc.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     started = time.perf_counter()
     losses = train_contrastive(model, tokenizer, PREPROCESS, web_pairs(tokenizer), config, progress=progress,
@@ -64,8 +74,9 @@ def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool
     seconds = time.perf_counter() - started
     save_clip(model, cfg, PREPROCESS, out)
     gates = measure_gates(load_clip(str(out)), load_dataset(SCENES, "test"))
+    stages = stages + [{"training": config.to_dict(), "seconds": round(seconds, 1), "final_loss": losses[-1]}]
     record = {"architecture": cfg, "preprocess": PREPROCESS.to_dict(), "training": config.to_dict(),
-              "weights_sha256": sha256_file(out / "open_clip_model.safetensors"), "seconds": round(seconds, 1),
+              "stages": stages, "weights_sha256": sha256_file(out / "open_clip_model.safetensors"), "seconds": round(seconds, 1),
               "threads": torch.get_num_threads(), "final_loss": losses[-1], "gates": gates.to_dict()}
     (out / PRETRAIN_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -78,12 +89,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=float, default=RECIPE.epochs)
     parser.add_argument("--lr", type=float, default=RECIPE.lr, help="peak learning rate (AdamW, cosine)")
     parser.add_argument("--seed", type=int, default=RECIPE.seed)
+    parser.add_argument("--init", type=Path, help="continue from this pretrained scenes CLIP (a later stage)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         record = pretrain(args.out, replace(RECIPE, epochs=args.epochs, lr=args.lr, seed=args.seed),
-                          progress=not args.no_progress and sys.stderr.isatty())
+                          progress=not args.no_progress and sys.stderr.isatty(), init=args.init)
     except ClipGuardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -52,6 +52,11 @@ COLOURS = tuple(PALETTE)
 PATTERNS = ("plain", "gradient", "striped", "checked", "speckled", "cluttered")
 SIZES = ("small", "mid-sized", "large")
 SIZE_RANGES = ((20, 28), (29, 38), (39, 50))  # object side in px per size word
+# How the photo was taken: half are clear, the rest blurry, dark, bright, grainy or faded
+# (web captions say so: "a blurry photo of a ..."), so the image tower also encodes
+# sharpness, exposure and saturation, which say nothing about the class.
+PHOTOS = ("clear", "blurry", "dark", "bright", "grainy", "faded")
+PHOTO_WEIGHTS = (5.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 POSITIONS = (("top left corner", "top", "top right corner"),
              ("left side", "centre", "right side"),
              ("bottom left corner", "bottom", "bottom right corner"))
@@ -65,19 +70,21 @@ CAPTION_TEMPLATES = (
     "a {size} {colour} {cls} in the {pos} of a {bg}.",
     "a {colour} {cls} on a {bg}.",
     "a {size} {cls} in the {pos}.",
-    "a photo of a {colour} {cls}.",
+    "a {photo} photo of a {colour} {cls}.",
     "{cls} in {colour}, {pos}, {bg}.",
     "a {bg} behind a {size} {colour} {cls}.",
     "a {size} {cls} on a {bg}.",
     "the {pos} of this picture shows a {colour} {cls}.",
     "a {colour} {cls} at the {pos}, on a {bg}.",
-    "a picture of a {size} {colour} {cls}.",
+    "a {photo} picture of a {size} {colour} {cls}.",
     "there is a {cls} in the {pos}, it is {colour}.",
     "a {cls} coloured {colour} on a {bg}.",
+    "a {photo} photo of a {cls} on a {bg}.",
+    "a {photo} image of a {size} {cls}.",
 )
 TWO_COLOUR_PATTERNS = ("gradient", "striped", "checked")
-# Which nuisances (size, colour, position, background) each caption template names.
-_NAMED = torch.tensor([[f"{{{field}}}" in template for field in ("size", "colour", "pos", "bg")]
+# Which nuisances (size, colour, position, background, photo) each caption template names.
+_NAMED = torch.tensor([[f"{{{field}}}" in template for field in ("size", "colour", "pos", "bg", "photo")]
                        for template in CAPTION_TEMPLATES])
 MIN_CONTRAST = 0.45  # RGB distance between an object's tint and its background colour
 
@@ -96,8 +103,10 @@ class Scenes:
     background: torch.Tensor
     second: torch.Tensor
     pattern: torch.Tensor
+    photo: torch.Tensor
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("images", "size", "row", "col", "colour", "background", "second", "pattern")
+    FIELDS: ClassVar[tuple[str, ...]] = ("images", "size", "row", "col", "colour", "background", "second", "pattern",
+                                         "photo")
 
     def take(self, index: torch.Tensor) -> "Scenes":
         return Scenes(*(getattr(self, name)[index] for name in self.FIELDS))
@@ -110,7 +119,8 @@ class Scenes:
             background = f"{background} and {COLOURS[self.second[i]]}"
         return CAPTION_TEMPLATES[template].format(
             size=SIZES[self.size[i]], colour=COLOURS[self.colour[i]], cls=class_name,
-            pos=POSITIONS[self.row[i]][self.col[i]], bg=f"{pattern} {background} background")
+            pos=POSITIONS[self.row[i]][self.col[i]], bg=f"{pattern} {background} background",
+            photo=PHOTOS[self.photo[i]])
 
     def captions(self, classes: torch.Tensor, names: Sequence[str],
                  generator: torch.Generator) -> tuple[list[str], torch.Tensor]:
@@ -120,14 +130,15 @@ class Scenes:
         caption j names."""
         templates = torch.randint(0, len(CAPTION_TEMPLATES), (len(classes),), generator=generator)
         texts = [self.describe(i, template, names[classes[i]]) for i, template in enumerate(templates.tolist())]
-        named = _NAMED[templates]  # [N, 4]: size, colour, pos, bg named by caption j
+        named = _NAMED[templates]  # [N, 5]: size, colour, pos, bg, photo named by caption j
 
         def same(values: torch.Tensor) -> torch.Tensor:
             return values[:, None] == values[None, :]
 
         two_colour = torch.tensor([p in TWO_COLOUR_PATTERNS for p in PATTERNS])[self.pattern]
         background = same(self.pattern) & same(self.background) & (same(self.second) | ~two_colour[None, :])
-        matches = torch.stack([same(self.size), same(self.colour), same(self.row) & same(self.col), background], -1)
+        matches = torch.stack([same(self.size), same(self.colour), same(self.row) & same(self.col), background,
+                               same(self.photo)], -1)
         true_of = same(classes) & (matches | ~named[None]).all(-1)
         return texts, true_of
 
@@ -210,9 +221,11 @@ def render_web(objects: torch.Tensor, generator: torch.Generator) -> Scenes:
     # A shade of the tint that follows the object's own grey levels keeps its texture.
     tint = palette[colour][:, :, None, None]
     canvas = _paste(canvas, objects.float() / 255, tint, cx, cy, side, angle)
+    photo = torch.multinomial(torch.tensor(PHOTO_WEIGHTS), n, replacement=True, generator=generator)
+    canvas = _photograph(canvas, photo, generator)
     row = (cy * 3 / SIDE).long().clamp(0, 2)
     col = (cx * 3 / SIDE).long().clamp(0, 2)
-    return Scenes(canvas, size, row, col, colour, background, second, pattern)
+    return Scenes(canvas, size, row, col, colour, background, second, pattern, photo)
 
 
 def render_downstream(objects: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -288,6 +301,32 @@ def _backgrounds(pattern: torch.Tensor, first: torch.Tensor, second: torch.Tenso
     if len(cluttered):
         canvas[cluttered] = _clutter(canvas[cluttered], generator)
     return canvas
+
+
+def _photograph(canvas: torch.Tensor, photo: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scenes [N, 3, SIDE, SIDE] as taken in PHOTOS[photo]: each effect at a random strength."""
+    n = len(canvas)
+    strength = torch.rand(n, 1, 1, 1, generator=generator)
+    name = {p: i for i, p in enumerate(PHOTOS)}
+
+    def where(kind: str, changed: torch.Tensor) -> torch.Tensor:
+        return torch.where((photo == name[kind])[:, None, None, None], changed, canvas)
+
+    sigma = 0.8 + 1.2 * strength  # a Gaussian blur per image, sigma 0.8 to 2 px
+    offsets = torch.arange(-3, 4, dtype=torch.float32)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma.view(n, 1) ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # [N, 7]
+    blurred = canvas.reshape(1, n * 3, SIDE, SIDE)
+    rows = kernel.repeat_interleave(3, 0)
+    blurred = F.conv2d(F.pad(blurred, (3, 3, 0, 0), mode="replicate"), rows.view(n * 3, 1, 1, 7), groups=n * 3)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, 3, 3), mode="replicate"), rows.view(n * 3, 1, 7, 1), groups=n * 3)
+    canvas = where("blurry", blurred.view(n, 3, SIDE, SIDE))
+    canvas = where("dark", canvas * (0.35 + 0.2 * strength))
+    canvas = where("bright", canvas + (1 - canvas) * (0.35 + 0.2 * strength))
+    canvas = where("grainy", (canvas + (0.06 + 0.06 * strength) * torch.randn(canvas.shape, generator=generator)))
+    grey = canvas.mean(1, keepdim=True)
+    canvas = where("faded", grey + (canvas - grey) * 0.3 * strength)
+    return canvas.clamp(0, 1)
 
 
 def _clutter(canvas: torch.Tensor, generator: torch.Generator, count: int = 5) -> torch.Tensor:
