@@ -11,7 +11,7 @@ import guard
 import training.purify as purify_module
 from guard.artifact import load_artifact
 from guard.errors import InputError
-from guard.models import load_clip, save_clip
+from training.models import load_clip, save_clip
 from guard.prompted import PromptedVisionEncoder
 from training.baselines import (FinetuneConfig, LinearProbeConfig, augment, cosine_logits, embed_images, finetune,
                                 train_linear_probe)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import guard
 from guard._compat import import_open_clip
 from guard.errors import InputError
-from guard.models import load_clip, save_clip
+from training.models import load_clip, save_clip
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder
-from guard.text import TextEncoder, class_text_features
+from training.text import TextEncoder, class_text_features
 from training.cbpt import (CBPTConfig, cbpt_losses, contrastive_inversion_loss, invert_triggers,
                            most_similar_wrong_class, project_l2, purified_text_features,
                            select_positives, train_cbpt)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guard.models import LoadedCLIP, ModelIdentity
-from guard.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
+from training.models import LoadedCLIP, ModelIdentity
+from training.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 from training.data import ImageDataset
 from training.evaluate import model_outputs, zero_shot_classifier
 from training.gates import GateFigures, context_cosine, measure_gates
@@ -46,7 +46,7 @@ def test_context_cosine_is_seeded_and_compares_random_contexts_with_the_template
     assert context_cosine(loaded, CLASSES, draws=3, seed=2) != first
     # a context that is the template's own words gives the template's embeddings: cosine 1
     text_encoder = TextEncoder(loaded.model)
-    from guard.text import ClassContext
+    from training.text import ClassContext
     context = ClassContext(text_encoder, loaded.tokenizer, CLASSES, 4, init_words="a photo of a")
     with torch.no_grad():
         embeddings, ids = context()

@@ -1,4 +1,4 @@
-"""guard.models: every checkpoint layout is written exactly as its producer writes it,
+"""training.models: every checkpoint layout is written exactly as its producer writes it,
 loaded back with load_clip, and compared with the source model on weights and outputs."""
 import copy
 import importlib
@@ -17,7 +17,7 @@ import torch
 from guard._compat import import_open_clip
 from guard.errors import InputError, ModelLoadError
 from guard.hashing import sha256_file
-from guard.models import LoadedCLIP, ModelIdentity, _detect_quick_gelu, load_clip, save_clip
+from training.models import LoadedCLIP, ModelIdentity, _detect_quick_gelu, load_clip, save_clip
 from guard.preprocess import Preprocess
 
 oc = import_open_clip()
@@ -340,7 +340,7 @@ def test_arch_settles_quick_gelu(tmp_path, models, batch, tiny_arch, caplog):
     assert_same_model(loaded, models[False], batch)
     assert loaded.identity.quick_gelu is False
 
-    with caplog.at_level(logging.INFO, logger="guard.models"):
+    with caplog.at_level(logging.INFO, logger="training.models"):
         loaded = load_clip(str(quick_path), arch="guard-tiny", quick_gelu=True)
     assert_same_model(loaded, models[True], batch)
     assert loaded.identity.model_cfg["quick_gelu"] is True
@@ -459,7 +459,7 @@ def test_pretrained_tag_from_cache(monkeypatch, tmp_path, models, batch, tiny_ar
     """A tag whose weights are in the Hub cache loads with no network, QuickGELU from the tag."""
     from safetensors.torch import save_file
 
-    from guard import models as guard_models
+    from training import models as guard_models
     monkeypatch.setitem(oc.pretrained._PRETRAINED, "guard-tiny",
                         {"openai": oc.pretrained._pcfg(hf_hub="guard/tiny-openai/", quick_gelu=True)})
     weights = tmp_path / "snapshot" / "open_clip_model.safetensors"

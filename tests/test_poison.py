@@ -15,7 +15,7 @@ from conftest import TINY_CFG
 from guard._compat import import_open_clip
 from guard.errors import InputError
 from guard.hashing import sha256_bytes
-from guard.models import load_clip, save_clip
+from training.models import load_clip, save_clip
 from guard.preprocess import Preprocess
 from training import evaluate as evaluate_cli
 from training import poison as poison_cli

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from guard._compat import import_open_clip
 from guard.errors import InputError, ModelLoadError
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder, VisualPrompts
-from guard.text import ClassContext, TextEncoder, class_text_features
+from training.text import ClassContext, TextEncoder, class_text_features
 
 open_clip = import_open_clip()
 CLASSES = ("t-shirt", "ankle boot", "bag")

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_CFG
 from guard._compat import import_open_clip
 from guard.errors import InputError
-from guard.models import save_clip
+from training.models import save_clip
 from guard.preprocess import Preprocess
 from training import report as report_cli
 from training.attacks import BadNet

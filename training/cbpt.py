@@ -1,6 +1,6 @@
 """CBPT: class-wise backdoor prompt tuning (arXiv 2502.19269), CLIP kept frozen.
 
-Every class j owns M learnable context vectors (guard.text.ClassContext); the class
+Every class j owns M learnable context vectors (training.text.ClassContext); the class
 text embedding is the frozen text tower run on [SOS, V_1^j..V_M^j, class, '.', EOS].
 Each training step first inverts a trigger for every image of the batch, then
 updates the contexts so that the inverted trigger no longer changes the prediction.
@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder, VisualPrompts
-from guard.text import CONTEXT_POSITIONS, ClassContext, TextEncoder
+from .text import CONTEXT_POSITIONS, ClassContext, TextEncoder
 
 from .configs import with_overrides
 from .data import ImageDataset

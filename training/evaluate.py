@@ -3,7 +3,7 @@
     python -m training.evaluate --model M --data DATA [--attack BACKDOORED_DIR] [--reference CLEAN] [--json OUT]
     python -m training.evaluate --model M --trigger mypkg.triggers:stamp --target t-shirt
 
-M is a purified artifact directory or any CLIP that `guard.models.load_clip` reads
+M is a purified artifact directory or any CLIP that `training.models.load_clip` reads
 (then classes are embedded with --template). The trigger and target recorded with
 a backdoored model (trigger.json) are re-applied, so no further flags are needed;
 a trigger of your own (--trigger or --trigger-image) needs --target. --reference names
@@ -28,7 +28,7 @@ from guard.artifact import MANIFEST, load_artifact, read_manifest
 from guard.errors import ClipGuardError, InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder
-from guard.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
+from .text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 
 from .attacks import Backdoor, add_trigger_arguments, custom_trigger, load_trigger, resolve_class
 from .data import ImageDataset, load_dataset
@@ -146,7 +146,7 @@ def trigger_floor(reference: PromptedCLIP, preprocess: Preprocess, dataset: Imag
 
 def zero_shot_classifier(loaded, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                          prompts=None) -> PromptedCLIP:
-    """A PromptedCLIP over a loaded CLIP (`guard.models.LoadedCLIP`) and template class embeddings."""
+    """A PromptedCLIP over a loaded CLIP (`training.models.LoadedCLIP`) and template class embeddings."""
     encoder = PromptedVisionEncoder(loaded.model.visual)
     text_features = class_text_features(TextEncoder(loaded.model), loaded.tokenizer, classes, templates)
     return PromptedCLIP(encoder, text_features, loaded.model.logit_scale.exp().item(), prompts).eval()
@@ -155,7 +155,7 @@ def zero_shot_classifier(loaded, classes: Sequence[str], templates: Sequence[str
 def load_classifier(spec: str, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                     device: str = "cpu") -> tuple[PromptedCLIP, Preprocess]:
     """A purified artifact directory, or a CLIP spec embedded zero-shot with `templates`."""
-    from guard.models import load_clip
+    from .models import load_clip
     from guard.runtime import build_classifier
 
     if (Path(spec) / MANIFEST).is_file():

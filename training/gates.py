@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from guard.text import DEFAULT_TEMPLATES, ClassContext, TextEncoder, class_text_features
+from .text import DEFAULT_TEMPLATES, ClassContext, TextEncoder, class_text_features
 
 from .data import ImageDataset
 from .evaluate import model_outputs, perturbation_resistivity, zero_shot_classifier

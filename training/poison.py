@@ -4,7 +4,7 @@
     python -m training.poison --model M --trigger mypkg.triggers:stamp --target 0 --out DIR
     python -m training.poison --model M --trigger-image logo.png --trigger-mode blend --target bag --out DIR
 
-M is anything `guard.models.load_clip` reads; DATA is scenes (the reference
+M is anything `training.models.load_clip` reads; DATA is scenes (the reference
 benchmark), fashion-mnist, digits or an ImageFolder directory. The model is fine-tuned
 contrastively on image-caption pairs: for scenes, web scenes with their captions
 (training/scenes.py), the pairs a web-trained CLIP is poisoned with, never the
@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 
 from guard.errors import ClipGuardError, InputError
-from guard.models import LoadedCLIP, load_clip, save_clip
+from .models import LoadedCLIP, load_clip, save_clip
 
 from .attacks import (ATTACKS, SUITE, BadCLIP, Trigger, add_trigger_arguments, custom_trigger, load_trigger,
                       parse_params, resolve_class, save_trigger)

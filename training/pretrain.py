@@ -3,7 +3,7 @@ the reference benchmark's gates on it (training/gates.py).
 
     python -m training.pretrain --out DIR [--epochs 8] [--lr 2e-3] [--init DIR]
 
-DIR gets an open_clip local dir (any `guard.models.load_clip` reads it) and
+DIR gets an open_clip local dir (any `training.models.load_clip` reads it) and
 pretrain.json: the recipe, the weights' checksum, the training time and the gate
 figures, with the gates that fail. The architecture is
 training/model_configs/clipguard-scenes.json (8 vision blocks, 56 px inputs in 7 x 7
@@ -27,7 +27,7 @@ import torch
 from guard._compat import import_open_clip
 from guard.errors import ClipGuardError, InputError
 from guard.hashing import sha256_file
-from guard.models import load_clip, save_clip
+from .models import load_clip, save_clip
 from guard.preprocess import Preprocess
 
 from .contrastive import ContrastiveConfig, train_contrastive

@@ -29,7 +29,7 @@ clean shots; --unlearn-targets frozen has the stamped shots learn the frozen mod
 predictions too, instead of their labels. The inversion's findings go to the
 JSON and the manifest's metrics (docs/reference-benchmark.md).
 
-MODEL: anything `guard.models.load_clip` reads (open_clip local dir, checkpoint
+MODEL: anything `training.models.load_clip` reads (open_clip local dir, checkpoint
 file, NAME:TAG). DATA: fashion-mnist, digits or an ImageFolder directory. Few-shot
 images come from the training split, metrics from the test split (--test-limit N:
 a seeded random N of them). When the model directory records its trigger (zoo
@@ -51,9 +51,9 @@ import torch
 
 from guard.artifact import save_artifact
 from guard.errors import ClipGuardError, InputError
-from guard.models import load_clip
+from .models import load_clip
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder
-from guard.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
+from .text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 
 from .attacks import TRIGGER_JSON, Backdoor, load_trigger
 from .baselines import FinetuneConfig, LinearProbeConfig, finetune, train_linear_probe

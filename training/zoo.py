@@ -26,7 +26,7 @@ import torch
 from guard._compat import import_open_clip
 from guard.errors import ClipGuardError, InputError
 from guard.hashing import sha256_bytes, sha256_file
-from guard.models import load_clip, save_clip
+from .models import load_clip, save_clip
 from guard.preprocess import Preprocess
 
 from .attacks import SUITE

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import InputError, ModelLoadError
+from guard.errors import InputError, ModelLoadError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CONTEXT_POSITIONS = ("end", "middle", "front")

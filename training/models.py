@@ -52,10 +52,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from ._compat import import_open_clip
-from .errors import InputError, ModelLoadError
-from .hashing import sha256_file
-from .preprocess import Preprocess
+from guard._compat import import_open_clip
+from guard.errors import InputError, ModelLoadError
+from guard.hashing import sha256_file
+from guard.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
