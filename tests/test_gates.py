@@ -9,7 +9,7 @@ from training.models import LoadedCLIP, ModelIdentity
 from training.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 from training.data import ImageDataset
 from training.evaluate import model_outputs, zero_shot_classifier
-from training.gates import GateFigures, context_cosine, measure_gates
+from training.gates import GateFigures, context_cosine, learned_context_cosine, measure_gates
 
 from conftest import CLASSES
 
@@ -56,11 +56,36 @@ def test_context_cosine_is_seeded_and_compares_random_contexts_with_the_template
     assert first < 0.9999
 
 
+def test_word_contexts_draw_from_the_vocabulary(loaded):
+    vectors = context_cosine(loaded, CLASSES, draws=2, seed=1)
+    words = context_cosine(loaded, CLASSES, draws=2, seed=1, vocabulary=("red", "striped", "photo"))
+    assert words == context_cosine(loaded, CLASSES, draws=2, seed=1, vocabulary=("red", "striped", "photo"))
+    assert words != vectors and -1 <= words <= 1
+    # a one-word vocabulary repeated: every draw is the same context
+    one = [context_cosine(loaded, CLASSES, draws=1, seed=s, vocabulary=("red",)) for s in (1, 2)]
+    assert one[0] == pytest.approx(one[1], abs=1e-6)
+
+
+def _synthetic(n: int, seed: int) -> ImageDataset:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return ImageDataset("synthetic", images, torch.arange(n) % len(CLASSES), CLASSES)
+
+
+def test_a_learned_context_is_seeded_and_leaves_the_start(loaded, monkeypatch):
+    shots = _synthetic(4 * len(CLASSES), 3)
+    learned = learned_context_cosine(loaded, shots, seed=0)
+    assert learned == learned_context_cosine(loaded, shots, seed=0) and -1 <= learned <= 1
+    monkeypatch.setattr("training.gates.CONTEXT_STEPS", 0)
+    assert learned_context_cosine(loaded, shots, seed=0) != pytest.approx(learned, abs=1e-4)
+
+
 def test_measure_gates_reads_the_zero_shot_accuracy_and_keeps_the_floors(loaded):
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    test = ImageDataset("synthetic", images, torch.arange(40) % len(CLASSES), CLASSES)
-    figures = measure_gates(loaded, test, floors={"badnet": 2.5}, pr_images=20)
+    test = _synthetic(40, 0)
+    images = test.images
+    figures = measure_gates(loaded, test, _synthetic(40, 1), floors={"badnet": 2.5}, pr_images=20,
+                            vocabulary=("red", "blue"), shots=2)
+    assert set(figures.random_contexts) == {"vectors", "words"}
     logits, _ = model_outputs(zero_shot_classifier(loaded, CLASSES), loaded.preprocess, images)
     assert figures.zero_shot_ca == pytest.approx(100.0 * (logits.argmax(1) == test.labels).float().mean().item())
     assert set(figures.pr) == {"noise_0.03", "blur_5", "color_jitter"} and figures.floors == {"badnet": 2.5}

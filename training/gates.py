@@ -6,9 +6,12 @@ are never tuned on defense results.
   Gaussian blur (kernel 5) and under colour jitter (a web-trained CLIP scores about
   0.82 and 0.83 there; a supervised ViT 0.975 and 0.946); PR under Gaussian noise
   0.03 is reported, not gated;
-- **a text tower that reads its context**: the class embeddings of random prompt
-  contexts have a mean cosine of at most 0.95 to the template's (so class-wise
-  prompts have a lever);
+- **a text tower that reads its context**: a class-wise context learned on the
+  defense's shots (CoOp-style, as CBPT learns its own) gives class embeddings with a
+  mean cosine of at most 0.95 to the template's, so class-wise prompts have a lever.
+  Random contexts are reported beside it, drawn two ways: as vectors with the spread of
+  the token embeddings (a tower that reads words can ignore vectors unlike any word) and
+  as random words of the corpus's captions;
 - **a usable classifier**: zero-shot clean accuracy on the downstream test split at
   least 80 %;
 - **a low floor**: for every attack of the suite, the never-poisoned model's ASR with
@@ -16,7 +19,7 @@ are never tuned on defense results.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from .text import DEFAULT_TEMPLATES, ClassContext, TextEncoder, class_text_features
 
-from .data import ImageDataset
+from .data import ImageDataset, few_shot
 from .evaluate import model_outputs, perturbation_resistivity, zero_shot_classifier
 from .perturbations import color_jitter, gaussian_blur, gaussian_noise
 
@@ -35,24 +38,29 @@ MAX_FLOOR = 1.0  # percent, every attack of the suite
 GATED_PERTURBATIONS = ("blur_5", "color_jitter")
 CONTEXT_TOKENS = 4  # CBPT's context length
 CONTEXT_DRAWS = 8
+CONTEXT_SHOTS = 16  # per class, from the downstream train split: what a defense gets
+CONTEXT_STEPS = 100  # Adam, lr CONTEXT_LR, full batch of the shots
+CONTEXT_LR = 1e-2
 
 
 @dataclass(frozen=True)
 class GateFigures:
-    """What the gates read: PR per perturbation, the mean cosine of random-context class
-    embeddings to the template's, zero-shot CA (percent) and, per attack, the floor (the
-    clean model's ASR with that attack's trigger, percent)."""
+    """What the gates read: PR per perturbation, the mean cosine to the template's class
+    embeddings of a learned context's (`context_cosine`, gated) and of random contexts'
+    (`random_contexts`: "vectors" and "words", reported), zero-shot CA (percent) and, per
+    attack, the floor (the clean model's ASR with that attack's trigger, percent)."""
     pr: dict
     context_cosine: float
     zero_shot_ca: float
     floors: dict
+    random_contexts: dict = field(default_factory=dict)
 
     def failures(self) -> list[str]:
         """The gates that do not hold, each as a sentence (empty when all hold)."""
         failed = [f"PR under {name} is {self.pr[name]:.3f} > {MAX_PR}" for name in GATED_PERTURBATIONS
                   if self.pr[name] > MAX_PR]
         if self.context_cosine > MAX_CONTEXT_COSINE:
-            failed.append(f"random prompt contexts keep cosine {self.context_cosine:.3f} > "
+            failed.append(f"a learned prompt context keeps cosine {self.context_cosine:.3f} > "
                           f"{MAX_CONTEXT_COSINE} to the template: the text tower ignores its context")
         if self.zero_shot_ca < MIN_ZERO_SHOT_CA:
             failed.append(f"zero-shot clean accuracy {self.zero_shot_ca:.2f} % < {MIN_ZERO_SHOT_CA} %")
@@ -81,29 +89,70 @@ def resistivity(loaded, test: ImageDataset, images: int = 2000, seed: int = 0) -
 
 
 @torch.no_grad()
-def context_cosine(loaded, classes: Sequence[str], draws: int = CONTEXT_DRAWS, seed: int = 0) -> float:
-    """Mean cosine between class embeddings of random CONTEXT_TOKENS-token contexts (drawn
-    with the spread of the tower's own token embeddings) and the template's class embeddings."""
+def context_cosine(loaded, classes: Sequence[str], draws: int = CONTEXT_DRAWS, seed: int = 0,
+                   vocabulary: Optional[Sequence[str]] = None) -> float:
+    """Mean cosine between the class embeddings of random CONTEXT_TOKENS-token contexts and
+    the template's. Without `vocabulary` the contexts are vectors drawn with the spread of
+    the tower's token embeddings; with it, random words of `vocabulary`."""
     text_encoder = TextEncoder(loaded.model)
     template = class_text_features(text_encoder, loaded.tokenizer, classes, DEFAULT_TEMPLATES)
-    spread = text_encoder.tower.token_embedding.weight.std().item()
+    table = text_encoder.tower.token_embedding.weight
+    words = None if vocabulary is None else torch.tensor(sorted({ids[0] for ids in map(loaded.tokenizer.encode,
+                                                                                           vocabulary)}))
     generator = torch.Generator().manual_seed(seed)
     cosines = []
     for _ in range(draws):
         context = ClassContext(text_encoder, loaded.tokenizer, classes, CONTEXT_TOKENS, init_words=None)
-        context.context.copy_(spread * torch.randn(context.context.shape, generator=generator))
-        embeddings, token_ids = context()
-        features = F.normalize(text_encoder.encode(embeddings, token_ids).float(), dim=-1)
-        cosines.append((features * template).sum(-1).mean().item())
+        shape = context.context.shape
+        if words is None:
+            context.context.copy_(table.std().item() * torch.randn(shape, generator=generator))
+        else:
+            context.context.copy_(table[words[torch.randint(len(words), shape[:2], generator=generator)]])
+        cosines.append(_cosine_to(template, text_encoder, context))
     return sum(cosines) / len(cosines)
 
 
-def measure_gates(loaded, test: ImageDataset, floors: Optional[Mapping[str, float]] = None,
-                  pr_images: int = 2000, seed: int = 0) -> GateFigures:
-    """Every gate's figure for the clean model `loaded` on the downstream test split;
-    `floors` (attack -> percent) come from evaluating the attacks' triggers on it."""
+def learned_context_cosine(loaded, shots: ImageDataset, seed: int = 0) -> float:
+    """Mean cosine to the template's class embeddings of a class-wise context learned on
+    `shots` (cross-entropy of zero-shot logits, the image tower frozen; CoOp's objective
+    and CBPT's warm-up), from a random start."""
+    text_encoder = TextEncoder(loaded.model)
+    template = class_text_features(text_encoder, loaded.tokenizer, shots.classes, DEFAULT_TEMPLATES)
+    torch.manual_seed(seed)
+    context = ClassContext(text_encoder, loaded.tokenizer, shots.classes, CONTEXT_TOKENS, init_words=None)
+    with torch.no_grad():
+        images = F.normalize(loaded.model.encode_image(loaded.preprocess(shots.images)).float(), dim=-1)
+    scale = loaded.model.logit_scale.exp().item()
+    optimizer = torch.optim.Adam(context.parameters(), lr=CONTEXT_LR)
+    for _ in range(CONTEXT_STEPS):
+        embeddings, token_ids = context()
+        classes = F.normalize(text_encoder.encode(embeddings, token_ids).float(), dim=-1)
+        loss = F.cross_entropy(scale * images @ classes.T, shots.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return _cosine_to(template, text_encoder, context)
+
+
+def _cosine_to(template: torch.Tensor, text_encoder: TextEncoder, context: ClassContext) -> float:
+    embeddings, token_ids = context()
+    features = F.normalize(text_encoder.encode(embeddings, token_ids).float(), dim=-1)
+    return (features * template).sum(-1).mean().item()
+
+
+def measure_gates(loaded, test: ImageDataset, train: ImageDataset, floors: Optional[Mapping[str, float]] = None,
+                  pr_images: int = 2000, seed: int = 0, vocabulary: Sequence[str] = (),
+                  shots: int = CONTEXT_SHOTS) -> GateFigures:
+    """Every gate's figure for the clean model `loaded` on the downstream task: CA and PR
+    on the `test` split, the learned context on `shots` per class of `train`;
+    `floors` (attack -> percent) come from evaluating the attacks' triggers on it;
+    `vocabulary` gives the random word contexts (none: not measured)."""
     classifier = zero_shot_classifier(loaded, test.classes)
     logits, _ = model_outputs(classifier, loaded.preprocess, test.images)
     ca = 100.0 * (logits.argmax(1) == test.labels).float().mean().item()
-    return GateFigures(resistivity(loaded, test, pr_images, seed), context_cosine(loaded, test.classes, seed=seed),
-                       ca, dict(floors or {}))
+    random_contexts = {"vectors": context_cosine(loaded, test.classes, seed=seed)}
+    if vocabulary:
+        random_contexts["words"] = context_cosine(loaded, test.classes, seed=seed, vocabulary=vocabulary)
+    learned = learned_context_cosine(loaded, few_shot(train, shots, seed), seed)
+    return GateFigures(resistivity(loaded, test, pr_images, seed), learned, ca, dict(floors or {}), random_contexts)

@@ -33,7 +33,7 @@ from guard.preprocess import Preprocess
 from .contrastive import ContrastiveConfig, train_contrastive
 from .data import load_dataset
 from .gates import measure_gates
-from .scenes import SCENES, SIDE, web_pairs
+from .scenes import SCENES, SIDE, caption_words, web_pairs
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool
                                description="pretraining")
     seconds = time.perf_counter() - started
     save_clip(model, cfg, PREPROCESS, out)
-    gates = measure_gates(load_clip(str(out)), load_dataset(SCENES, "test"))
+    gates = measure_gates(load_clip(str(out)), load_dataset(SCENES, "test"), load_dataset(SCENES, "train"),
+                          vocabulary=caption_words())
     stages = stages + [{"training": config.to_dict(), "seconds": round(seconds, 1), "final_loss": losses[-1]}]
     record = {"architecture": cfg, "preprocess": PREPROCESS.to_dict(), "training": config.to_dict(),
               "stages": stages, "weights_sha256": sha256_file(out / "open_clip_model.safetensors"), "seconds": round(seconds, 1),

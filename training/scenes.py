@@ -143,6 +143,14 @@ class Scenes:
         return texts, true_of
 
 
+def caption_words() -> tuple[str, ...]:
+    """Every word the corpus's captions use besides class names."""
+    fields = {"cls": "", "size": " ".join(SIZES), "colour": " ".join(COLOURS), "photo": " ".join(PHOTOS),
+              "pos": " ".join(p for row in POSITIONS for p in row), "bg": " ".join(PATTERNS) + " background"}
+    text = " ".join(template.format(**fields) for template in CAPTION_TEMPLATES)
+    return tuple(sorted({word.strip(".,") for word in text.split()} - {""}))
+
+
 class ScenePairs:
     """Web-scene image-caption pairs of objects (uint8 [N, 1, 28, 28]) with `labels`, a
     pair source of training.contrastive.train_contrastive. Captions name the class and
