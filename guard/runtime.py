@@ -438,7 +438,7 @@ def _load_compiled(path: Path, kind: str, device: torch.device) -> Guard:
         if sidecar["onnx"].get("attention") == "custom":
             raise ArtifactError(f"{path} has clip_guard::PromptAttention nodes, made for a TensorRT plugin; "
                                 "onnxruntime has no kernel for them: serve the standard export "
-                                "(`python -m export.onnx` without --custom-attention)")
+                                "(`python -m export.onnx PURIFIED --out purified.onnx`)")
         backend = OnnxRuntimeBackend(path, device, sidecar["precision"])
     elif kind == "aoti":
         backend = AOTIBackend(path, device, sidecar["aoti"])

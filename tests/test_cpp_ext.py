@@ -473,7 +473,8 @@ def test_onnx_custom_attention_graph_has_one_node_per_prompted_block(ext, tiny_a
     import onnx
 
     import guard
-    from export.common import TOLERANCES, run_cli
+    from export.common import TOLERANCES
+    from guard import console
     from export.custom_attention import DOMAIN, count_nodes, run_reference
     from export.onnx import export_onnx
     from export.trt import main as trt_main
@@ -499,7 +500,7 @@ def test_onnx_custom_attention_graph_has_one_node_per_prompted_block(ext, tiny_a
 
     with pytest.raises(ArtifactError, match="TensorRT plugin"):
         guard.load(out, device="cpu")
-    code = run_cli(trt_main, [str(out), "--out", str(tmp_path / "x.engine")])
+    code = console.run(trt_main, [str(out), "--out", str(tmp_path / "x.engine")])
     assert code == 2 and "plugin that clip-guard does not build" in capsys.readouterr().err
     for kwargs in ({"precision": "fp16"}, {"form": "literal"}, {"attention": "plugin"}):
         with pytest.raises(InputError):
