@@ -7,10 +7,12 @@ A CPU kernel (csrc/*.cpp), a CUDA kernel (csrc/cuda/*.cu), fake kernels for trac
 and export, and autograd. Importing this package builds nothing: the first call of
 `load()`, `is_available()`, `status()` or a wrapper compiles the extension just in time
 (about a minute on 2 cores, CPU part) or loads the cached build; a failed build is
-recorded, never raised, and the wrappers then raise `MissingDependencyError`.
+recorded, never raised, and the wrappers then raise `ExtensionUnavailableError` (an
+ImportError; `require()` raises it too). This package imports nothing from guard.
 See docs/cpp_ext.md.
 """
-from ._build import ExtensionStatus, build_directory, load, load_if_built, status
+from ._build import ExtensionStatus, build_directory, load, load_if_built, require, status
+from .errors import ExtensionError, ExtensionUnavailableError
 from .nvcc import ARCHITECTURES, CudaCompileResult, compile_cuda_kernels, find_nvcc
 from .ops import insert_prompts, prompt_attention
 
@@ -20,6 +22,6 @@ def is_available() -> bool:
     return load()
 
 
-__all__ = ["ARCHITECTURES", "CudaCompileResult", "ExtensionStatus", "build_directory", "compile_cuda_kernels",
-           "find_nvcc", "insert_prompts", "is_available", "load", "load_if_built", "prompt_attention",
-           "status"]
+__all__ = ["ARCHITECTURES", "CudaCompileResult", "ExtensionError", "ExtensionStatus", "ExtensionUnavailableError",
+           "build_directory", "compile_cuda_kernels", "find_nvcc", "insert_prompts", "is_available", "load",
+           "load_if_built", "prompt_attention", "require", "status"]

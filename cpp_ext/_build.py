@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ExtensionUnavailableError
+
 logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "clip_guard_cpp_ext"
@@ -97,6 +99,19 @@ def load_if_built() -> bool:
     if not (build_directory(with_cuda) / f"{EXTENSION_NAME}.so").is_file():
         return False
     return load()
+
+
+def require(build: bool = True) -> None:
+    """Raise `ExtensionUnavailableError` (with the reason and how to build) unless the operators
+    can be called. build=False only loads a cached build, never compiles (what serving uses)."""
+    if load() if build else load_if_built():
+        return
+    if _STATE.attempted:
+        reason = error_summary() or "unknown reason"
+    else:
+        reason = f"no build is cached in {build_directory(cuda_build_possible()[0])}"
+    raise ExtensionUnavailableError(f"the clip_guard C++ extension is not available ({reason}); {BUILD_HINT}. "
+                                    "`python -m cpp_ext status` shows the whole build log.")
 
 
 def _build_and_load(verbose: bool) -> None:

@@ -1,22 +1,14 @@
 """Typed Python wrappers of the clip_guard operators.
 
 Each builds (or loads the cached build of) the extension on first use and raises
-`MissingDependencyError` with the build error and how to build when it is unavailable.
+`ExtensionUnavailableError` (an ImportError) with the build error and how to build when it
+is unavailable.
 """
 from __future__ import annotations
 
 import torch
 
-from guard.errors import MissingDependencyError
-
 from . import _build
-
-
-def _require() -> None:
-    if not _build.load():
-        raise MissingDependencyError(
-            f"the clip_guard C++ extension is not available ({_build.error_summary() or 'unknown reason'}); "
-            f"{_build.BUILD_HINT}. `python -m cpp_ext status` shows the whole build log.")
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
@@ -29,7 +21,7 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k
     in float32) or float64. Differentiable in all five inputs; traceable by torch.compile and
     torch.export. The reference is `guard.folded.attend_with_prompts`."""
     if not _build._STATE.available:
-        _require()
+        _build.require()
     return torch.ops.clip_guard.prompt_attention(q, k, v, prompt_k, prompt_v)
 
 
@@ -39,5 +31,5 @@ def insert_prompts(tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     Same dtype and device for both. The gradient of the prompts is summed over the batch.
     The reference is `guard.prompted.insert_prompts`."""
     if not _build._STATE.available:
-        _require()
+        _build.require()
     return torch.ops.clip_guard.insert_prompts(tokens, prompts)

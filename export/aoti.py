@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from guard import console
 from guard.errors import ExportError, InputError
 from guard.folded import fused_attention_available
 from guard.sidecar import INPUT_NAME, sidecar_path, write_sidecar
 
-from .common import check_parity, parity, run_cli, serving_model, validation_images
+from .common import check_parity, parity, serving_model, validation_images
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +83,20 @@ def export_aoti(artifact_path: str | Path, out: str | Path, *, device: str = "cp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.aoti", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.aoti", description=__doc__.split("\n\n")[0],
+                                     epilog=console.EPILOG)
     parser.add_argument("artifact", help="purified-model directory (from python -m training.purify)")
     parser.add_argument("--out", required=True, help="output .pt2 package; its sidecar is written beside it")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch the package accepts")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="call the clip_guard C++ attention operator (default: on the CPU when it is built)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     export_aoti(args.artifact, args.out, device=args.device, max_batch=args.max_batch, fused=args.fused)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(console.run(main))

@@ -1,17 +1,16 @@
 """What every exporter shares: the model to compile, validation against the torch
-reference, the parity tolerances, and the command-line error handling."""
+reference and the parity tolerances. Their command lines use guard.console (exit codes:
+2 bad input, 3 a missing dependency or an unusable artifact, 4 the export failed or
+disagrees with the reference)."""
 from __future__ import annotations
 
-import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from guard.artifact import Artifact, load_artifact
-from guard.errors import ArtifactError, ClipGuardError, ExportError, InputError, MissingDependencyError
+from guard.errors import ExportError, InputError
 from guard.folded import fold
 from guard.preprocess import Preprocess
 from guard.runtime import build_classifier
@@ -76,23 +75,3 @@ def check_parity(result: Parity, precision: str, what: str) -> None:
         raise ExportError(f"{what} differs from the torch reference by {result.max_logit_diff:.2e} "
                           f"(logit-scale units) on {result.images} validation images; the {precision} "
                           f"tolerance is {tolerance:.0e}")
-
-
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run an exporter's main: one clear line and a documented exit code instead of a traceback.
-
-    Exit codes: 0 done; 2 bad arguments or input; 3 a missing dependency or an
-    unusable artifact; 4 the export failed or disagrees with the reference."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("export").setLevel(logging.INFO)  # our progress; other libraries stay quiet
-    try:
-        return main(argv)
-    except (MissingDependencyError, ArtifactError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 4
-    except ClipGuardError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2

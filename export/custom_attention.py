@@ -1,7 +1,7 @@
 """The fused prompt attention as one ONNX node: `clip_guard::PromptAttention`, for a TensorRT plugin.
 
-`python -m export.onnx PURIFIED --out purified.onnx --custom-attention` exports the folded
-graph with every prompted block's attention as a single custom-domain node
+`export.onnx.export_onnx(ARTIFACT, OUT, attention="custom")` exports the folded graph with
+every prompted block's attention as a single custom-domain node
 
     PromptAttention(q [N, H, T, d], k, v, prompt_k [H, b, d], prompt_v) -> [N, H, T, d]
     = softmax(q [k ; prompt_k]^T / sqrt(d)) [v ; prompt_v]        (domain clip_guard, version 1)
@@ -11,8 +11,10 @@ then attention). It is the ONNX face of the `clip_guard::prompt_attention` torch
 (cpp_ext), which the export traces, so the C++ extension must be built. A runtime needs a
 kernel for the node: TensorRT through a plugin of that name, which clip-guard does not
 build yet (it could not be compiled and tested on these machines, docs/export.md), and
-onnxruntime not at all; both serve the standard-operator export. The graph is validated
-with ONNX's reference evaluator and the numpy kernel below against the torch model.
+onnxruntime not at all: the node is in a custom domain with no registered kernel ("is not
+a registered function/op"). Both serve the standard-operator export, and the command line
+does not offer this one. The graph is validated with ONNX's reference evaluator and the
+numpy kernel below against the torch model (tests/test_cpp_ext.py).
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def reference_kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, prompt_k: np.n
 
 
 def run_reference(path: str | Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, embedding) of a --custom-attention graph on ONNX's reference evaluator."""
+    """(logits, embedding) of a custom-attention graph on ONNX's reference evaluator."""
     from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
 

@@ -1,6 +1,6 @@
 """Export a purified artifact to a self-contained ONNX graph.
 
-    python -m export.onnx PURIFIED --out purified.onnx [--fp16 | --int8] [--literal | --custom-attention]
+    python -m export.onnx PURIFIED --out purified.onnx [--fp16 | --int8] [--literal]
 
 The graph takes `images` (float32 [batch, 3, S, S], preprocessed as the sidecar
 says) and returns `logits` [batch, C] and `embedding` [batch, E], with a dynamic
@@ -8,25 +8,29 @@ batch axis. The visual prompts are folded into constant keys and values and the
 class text embeddings are a constant matrix: no text tower, no Python. Every export
 is run once in onnxruntime and compared with the torch reference before its sidecar
 (`purified.onnx.json`) is written; a graph outside its tolerance is refused.
-`--custom-attention` emits each prompted block's attention as one clip_guard::PromptAttention
-node for a TensorRT plugin instead (export/custom_attention.py); onnxruntime cannot run it.
+`export_onnx(..., attention="custom")` emits each prompted block's attention as one
+clip_guard::PromptAttention node instead (export/custom_attention.py), the graph a TensorRT
+plugin would run. No runtime here has a kernel for that node (onnxruntime refuses the graph;
+the plugin is not built), so it is not on the command line: nothing could serve its output.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from guard import console
 from guard.backends import OnnxRuntimeBackend
 from guard.errors import ExportError, InputError, MissingDependencyError
 from guard.sidecar import INPUT_NAME, OUTPUT_NAMES, sidecar_path, write_sidecar
 
 from . import custom_attention
-from .common import PRECISIONS, check_parity, parity, run_cli, serving_model, validation_images
+from .common import PRECISIONS, check_parity, parity, serving_model, validation_images
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,8 @@ def export_onnx(artifact_path: str | Path, out: str | Path, *, precision: str = 
     or int8 (dynamic quantisation of the fp32 graph's weights). form: folded (serving)
     or literal (the prompt-concatenation form, for benchmarks). attention: standard
     operators, or "custom": one clip_guard::PromptAttention node per prompted block
-    (folded fp32 only; needs the built cpp_ext operator). external_data: None decides
+    (folded fp32 only; needs the built cpp_ext operator; validated on ONNX's reference
+    evaluator, since no runtime here can run it). external_data: None decides
     by the weights' size."""
     onnx = _import_onnx()
     if precision not in PRECISIONS:
@@ -154,7 +159,8 @@ def _export_int8(model: torch.nn.Module, out: Path, example: torch.Tensor, exter
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
+                                     epilog=console.EPILOG)
     parser.add_argument("artifact", help="purified-model directory (from python -m training.purify)")
     parser.add_argument("--out", required=True, help="output .onnx file; its sidecar is written beside it")
     precision = parser.add_mutually_exclusive_group()
@@ -162,19 +168,17 @@ def main(argv: list[str] | None = None) -> int:
                            help="float16 weights and activations (float32 inputs and outputs)")
     precision.add_argument("--int8", action="store_const", dest="precision", const="int8",
                            help="dynamic int8 quantisation of the weights")
-    form = parser.add_mutually_exclusive_group()
-    form.add_argument("--literal", action="store_const", dest="form", const="literal", default="folded",
-                      help="keep the literal prompt concatenation instead of folding (for comparison)")
-    form.add_argument("--custom-attention", action="store_const", dest="attention", const="custom",
-                      default="standard", help="one clip_guard::PromptAttention node per prompted block, for a "
-                                               "TensorRT plugin (onnxruntime cannot run it; needs cpp_ext built)")
+    parser.add_argument("--literal", action="store_const", dest="form", const="literal", default="folded",
+                        help="keep the literal prompt concatenation instead of folding (for comparison)")
     parser.add_argument("--external-data", action="store_true", default=None,
                         help="store the weights in a .data file beside the graph (automatic above 1 GiB)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     export_onnx(args.artifact, args.out, precision=args.precision or "fp32", form=args.form,
-                attention=args.attention, external_data=args.external_data)
+                external_data=args.external_data)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(console.run(main))

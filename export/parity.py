@@ -1,9 +1,10 @@
 """Check compiled models against their artifact on real images.
 
-    python -m export.parity PURIFIED COMPILED... [--data fashion-mnist] [--limit N] [--json OUT]
+    python -m export.parity PURIFIED COMPILED... [--data fashion-mnist | --data DIR] [--limit N] [--json OUT]
 
 Runs the artifact's literal torch model (the form it was trained as) and every
-compiled file (.onnx, .pt2, .engine) on the same preprocessed test images and reports
+compiled file (.onnx, .pt2, .engine) on the same preprocessed real images (the
+Fashion-MNIST test set, or an image folder: export/images.py) and reports
 per file the top-1 agreement and the largest |logit difference| in units of the logit
 scale. A file fails when its top-1 agreement is below 99.9 % (99 % for int8) or its
 difference exceeds the tolerance of its precision (export.common.TOLERANCES); the exit
@@ -14,16 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
 
 import guard
+from guard import console
 from guard.artifact import load_artifact
 from guard.errors import ExportError
 from guard.runtime import build_classifier
 
-from .common import TOLERANCES, Parity, parity, run_cli
+from .common import TOLERANCES, Parity, parity
+from .images import FASHION_MNIST, parity_images
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +66,20 @@ def failures(results: dict[str, tuple[str, Parity]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data import load_dataset
-
-    parser = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0],
+                                     epilog=console.EPILOG)
     parser.add_argument("artifact", help="the purified-model directory the files were exported from")
     parser.add_argument("compiled", nargs="+", help=".onnx / .pt2 / .engine files (with their sidecars)")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--data", default=FASHION_MNIST,
+                        help="fashion-mnist (its test set), or a directory of images (its test/ sub-folder if it "
+                             "has one); default: %(default)s")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     artifact = load_artifact(args.artifact)
-    test = load_dataset(args.data, "test", image_size=artifact.preprocess.image_size)
-    images = test.images[:args.limit] if args.limit else test.images
+    images = parity_images(args.data, artifact.preprocess, args.limit)
     results = compare_on_images(args.artifact, args.compiled, images)
     print(f"{'file':<40} {'precision':>9} {'top-1 agree':>12} {'max |dlogit|':>13}  (logit-scale units, "
           f"{len(images)} images)")
@@ -90,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(console.run(main))

@@ -32,10 +32,12 @@ import json
 import logging
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from guard import console
 from guard.backends import import_tensorrt
 from guard.client import TRITON_SIDECAR_PARAMETER
 from guard.errors import ArtifactError, InputError
@@ -43,7 +45,6 @@ from guard.runtime import alert_config_of, model_kind
 from guard.sealed import file_records, write_sealed
 from guard.sidecar import CHECKSUM_KEY, read_sidecar, sidecar_path
 
-from .common import run_cli
 from .onnx import _import_onnx, export_onnx
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def export_triton(model_path: str | Path, out: str | Path, *, name: str = "clip_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.triton", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.triton", description=__doc__.split("\n\n")[0],
+                                     epilog=console.EPILOG)
     parser.add_argument("model", metavar="PURIFIED", help="artifact directory, exported .onnx, or TensorRT .engine")
     parser.add_argument("--out", required=True, metavar="REPO", help="the model repository (created if missing)")
     parser.add_argument("--name", default="clip_guard", help="the model's name in the repository (clip_guard)")
@@ -254,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=tuple(KINDS), default="auto",
                         help="instance_group kind: auto (GPU where Triton has one), cpu or gpu")
     parser.add_argument("--overwrite", action="store_true", help="replace REPO/NAME if it exists")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     final = export_triton(args.model, args.out, name=args.name, max_batch=args.max_batch,
                           max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
                           instance_kind=args.kind, overwrite=args.overwrite)
@@ -263,4 +267,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(console.run(main))

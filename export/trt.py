@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from guard import console
 from guard.backends import TensorRTBackend, import_tensorrt
 from guard.errors import ExportError, InputError, MissingDependencyError
 from guard.preprocess import Preprocess
 from guard.sidecar import INPUT_NAME, read_sidecar, sidecar_path, write_sidecar
 
-from .common import check_parity, parity, run_cli, validation_images
+from .common import check_parity, parity, validation_images
 from .onnx import run_onnxruntime
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, fp16: bool = False,
     if onnx_sidecar["onnx"].get("attention") == "custom":
         raise InputError(f"{onnx_path} has clip_guard::PromptAttention nodes, which need a TensorRT plugin that "
                          "clip-guard does not build yet; build the engine from the standard export "
-                         "(`python -m export.onnx` without --custom-attention)")
+                         "(`python -m export.onnx PURIFIED --out purified.onnx`)")
     if onnx_sidecar["precision"] != "fp32":
         raise InputError(f"{onnx_path} is a {onnx_sidecar['precision']} graph; build engines from the fp32 "
                          "export and pass --fp16 here, so TensorRT chooses the precision per layer")
@@ -161,7 +163,8 @@ def _validate(engine_path: Path, onnx_path: Path, onnx_sidecar: dict, precision:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.split("\n\n")[0],
+                                     epilog=console.EPILOG)
     parser.add_argument("onnx", help="an fp32 .onnx graph from python -m export.onnx (with its sidecar)")
     parser.add_argument("--out", required=True, help="output .engine file; its sidecar is written beside it")
     parser.add_argument("--fp16", action="store_true", help="allow FP16 kernels (LayerNorm and softmax stay FP32)")
@@ -169,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="optimisation profile of the batch axis, MIN:OPT:MAX (default 1:32:256)")
     parser.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB,
                         help="builder workspace limit in GiB")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     build_engine(args.onnx, args.out, fp16=args.fp16, profile=BatchProfile.parse(args.batch),
                  workspace_gib=args.workspace_gib)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(console.run(main))

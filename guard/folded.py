@@ -51,16 +51,31 @@ def _check_foldable(block: nn.Module, index: int) -> None:
         raise ModelLoadError(f"block {index} of the image tower cannot be folded: {'; '.join(problems)}")
 
 
-def fused_attention_available() -> bool:
-    """Whether the clip_guard C++ operator (cpp_ext) is built here and loaded.
+def require_fused_attention() -> None:
+    """Raise `MissingDependencyError` (with cpp_ext's reason and how to build) unless the
+    clip_guard C++ operator (cpp_ext) is built here and loaded.
 
-    Serving never compiles it (`python -m cpp_ext build` does, as `make install` runs);
-    a missing build just means the standard-operator form."""
+    Serving never compiles it (`python -m cpp_ext build` does, as `make install` runs).
+    cpp_ext knows nothing of guard: its own error is translated here."""
     try:
         import cpp_ext
-    except ImportError:
+    except ImportError as error:
+        raise MissingDependencyError(f"the clip_guard C++ operator needs the cpp_ext package, which does not "
+                                     f"import ({error}); install clip-guard from its source tree") from error
+    try:
+        cpp_ext.require(build=False)
+    except cpp_ext.ExtensionUnavailableError as error:
+        raise MissingDependencyError(str(error)) from error
+
+
+def fused_attention_available() -> bool:
+    """Whether the clip_guard C++ operator (cpp_ext) is built here and loaded; a missing
+    build just means the standard-operator form."""
+    try:
+        require_fused_attention()
+    except MissingDependencyError:
         return False
-    return cpp_ext.load_if_built()
+    return True
 
 
 def _fused_attention(q, k, v, prompt_k, prompt_v):
@@ -156,9 +171,11 @@ def fold(model: PromptedCLIP, fused: bool | None = False) -> FoldedCLIP:
     if fused is None:
         on_cpu = next(model.encoder.parameters()).device.type == "cpu"
         fused = on_cpu and fused_attention_available()
-    elif fused and not fused_attention_available():
-        raise MissingDependencyError("fused=True needs the clip_guard C++ operator: build it with "
-                                     "`python -m cpp_ext build`")
+    elif fused:
+        try:
+            require_fused_attention()
+        except MissingDependencyError as error:
+            raise MissingDependencyError(f"fused=True needs the clip_guard C++ operator: {error}") from error
     folded = FoldedCLIP(model, fused).eval()
     folded.requires_grad_(False)
     return folded

@@ -17,7 +17,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._compat import import_open_clip
 from .alerts import (DENSITY, DETECTOR, FITTED_STATISTICS, FITTED_TYPES, AlertConfig, alert_scores, density_alert,
                      density_rows, density_scores, expand_batch)
 from .artifact import Artifact, load_artifact
@@ -43,6 +42,10 @@ def build_classifier(artifact: Artifact, device=None) -> PromptedCLIP:
 
 
 def _build_classifier(artifact: Artifact, device) -> PromptedCLIP:
+    # The one place serving needs open_clip (and the torchvision it imports): a torch image
+    # tower. Compiled files never get here, so they load without either.
+    from ._compat import import_open_clip
+
     open_clip = import_open_clip()
     try:
         cfg = artifact.model_cfg
@@ -438,7 +441,7 @@ def _load_compiled(path: Path, kind: str, device: torch.device) -> Guard:
         if sidecar["onnx"].get("attention") == "custom":
             raise ArtifactError(f"{path} has clip_guard::PromptAttention nodes, made for a TensorRT plugin; "
                                 "onnxruntime has no kernel for them: serve the standard export "
-                                "(`python -m export.onnx` without --custom-attention)")
+                                "(`python -m export.onnx PURIFIED --out purified.onnx`)")
         backend = OnnxRuntimeBackend(path, device, sidecar["precision"])
     elif kind == "aoti":
         backend = AOTIBackend(path, device, sidecar["aoti"])

@@ -102,15 +102,16 @@ def test_import_builds_nothing(tmp_path):
 
 def test_failed_build_is_recorded_and_the_wrappers_say_how_to_build(tmp_path):
     code = """
-import json, torch, cpp_ext
-from guard.errors import MissingDependencyError
+import json, sys, torch, cpp_ext
 available = cpp_ext.is_available()
 try:
     cpp_ext.prompt_attention(*(torch.zeros(1, 1, 2, 4) for _ in range(3)), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))
     message = None
-except MissingDependencyError as error:
+except cpp_ext.ExtensionUnavailableError as error:
+    assert isinstance(error, ImportError)
     message = str(error)
-print(json.dumps({"available": available, "message": message, "status": cpp_ext.status()}))
+print(json.dumps({"available": available, "message": message, "status": cpp_ext.status(),
+                  "guard_imported": "guard" in sys.modules}))
 """
     result = run_python(code, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"))
     assert result.returncode == 0, result.stderr
@@ -120,6 +121,57 @@ print(json.dumps({"available": available, "message": message, "status": cpp_ext.
     assert "no-such-compiler" in report["status"]["error"]
     assert "no-such-compiler" in report["status"]["error_summary"] and "no-such-compiler" in report["message"]
     assert "python -m cpp_ext build" in report["message"]
+    assert report["guard_imported"] is False  # cpp_ext stands alone
+
+
+def test_guard_translates_an_unbuilt_extension_into_its_typed_error(tmp_path):
+    """Serving only loads a cached build: with none, fold(fused=True) raises guard's
+    MissingDependencyError carrying cpp_ext's reason, and builds nothing."""
+    code = """
+import json, torch
+from guard.errors import MissingDependencyError
+from guard.folded import fold, fused_attention_available
+from guard.prompted import PromptedCLIP
+try:
+    fold(PromptedCLIP.__new__(PromptedCLIP), fused=True)
+    message = None
+except MissingDependencyError as error:
+    message = str(error)
+print(json.dumps({"available": fused_attention_available(), "message": message}))
+"""
+    result = run_python(code, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["available"] is False
+    assert "fused=True needs the clip_guard C++ operator" in report["message"]
+    assert "no build is cached" in report["message"] and "python -m cpp_ext build" in report["message"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_keeps_the_shared_exit_codes_without_guard(tmp_path):
+    """python -m cpp_ext answers as guard.console's entry points do (an unavailable extension:
+    3 and one `error:` line; bad arguments: 2) and never imports guard."""
+    code = """
+import json, sys
+from cpp_ext.__main__ import run
+code = run(sys.argv[1:])
+print(json.dumps({"code": code, "guard_imported": "guard" in sys.modules}))
+"""
+    outcomes = {}
+    for command in ("status", "no-such-command"):
+        environment = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(tmp_path / command),
+                       "CXX": str(tmp_path / "no-such-compiler")}
+        result = subprocess.run([sys.executable, "-c", code, command], check=False, cwd=REPO, env=environment,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        *report, last = result.stdout.strip().splitlines()
+        outcomes[command] = (json.loads(last), report, result.stderr.strip().splitlines())
+    ending, report, stderr = outcomes["status"]
+    assert ending == {"code": 3, "guard_imported": False}
+    assert json.loads("\n".join(report))["available"] is False  # the JSON report still comes on stdout
+    assert stderr[-1].startswith("error: the clip_guard C++ extension is not available")
+    assert "no-such-compiler" in stderr[-1] and "python -m cpp_ext build" in stderr[-1]
+    assert outcomes["no-such-command"][0] == {"code": 2, "guard_imported": False}
 
 
 def test_a_failed_cuda_build_falls_back_to_the_cpu_kernels(monkeypatch):
@@ -421,7 +473,8 @@ def test_onnx_custom_attention_graph_has_one_node_per_prompted_block(ext, tiny_a
     import onnx
 
     import guard
-    from export.common import TOLERANCES, run_cli
+    from export.common import TOLERANCES
+    from guard import console
     from export.custom_attention import DOMAIN, count_nodes, run_reference
     from export.onnx import export_onnx
     from export.trt import main as trt_main
@@ -447,7 +500,7 @@ def test_onnx_custom_attention_graph_has_one_node_per_prompted_block(ext, tiny_a
 
     with pytest.raises(ArtifactError, match="TensorRT plugin"):
         guard.load(out, device="cpu")
-    code = run_cli(trt_main, [str(out), "--out", str(tmp_path / "x.engine")])
+    code = console.run(trt_main, [str(out), "--out", str(tmp_path / "x.engine")])
     assert code == 2 and "plugin that clip-guard does not build" in capsys.readouterr().err
     for kwargs in ({"precision": "fp16"}, {"form": "literal"}, {"attention": "plugin"}):
         with pytest.raises(InputError):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import guard
-from conftest import CLASSES
-from export.common import TOLERANCES, run_cli
+from conftest import CLASSES, save_image_folder, smooth_images
+from export.common import TOLERANCES
+from guard import console
 from guard.artifact import load_artifact
 from guard.backends import check_engine_compatible, rebuild_command
 from guard.inputs import prepare_batch
@@ -148,10 +149,51 @@ def test_backend_and_device_mismatches_are_clear_errors(exports, tmp_path):
 def test_onnx_export_errors_and_exit_codes(tiny_artifact, tmp_path, capsys):
     with pytest.raises(InputError, match="must end in .onnx"):
         export_onnx(tiny_artifact.path, tmp_path / "model.bin")
-    assert run_cli(onnx_main, [str(tmp_path / "absent"), "--out", str(tmp_path / "m.onnx")]) == 3
+    assert console.run(onnx_main, [str(tmp_path / "absent"), "--out", str(tmp_path / "m.onnx")]) == 3
     assert "manifest.json is missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --fp16 and --int8 exclude each other
         onnx_main([str(tiny_artifact.path), "--out", "x.onnx", "--fp16", "--int8"])
+    # no runtime here runs a custom-attention graph, so the command line does not offer it (docs/export.md)
+    assert console.run(onnx_main, [str(tiny_artifact.path), "--out", "x.onnx", "--custom-attention"]) == 2
+    assert "unrecognized arguments: --custom-attention" in capsys.readouterr().err
+
+
+def test_parity_images_are_the_training_test_set_byte_for_byte():
+    """export.parity reads Fashion-MNIST without training/, and gets exactly its test images."""
+    from export.images import fashion_mnist_test_images
+    from training.data import load_dataset
+
+    assert torch.equal(fashion_mnist_test_images(), load_dataset("fashion-mnist", "test").images)
+
+
+def test_parity_command_on_a_folder_and_fashion_mnist_and_its_failures(tiny_artifact, exports, tmp_path, capsys):
+    from export.parity import main as parity_main
+
+    artifact, compiled = str(tiny_artifact.path), [str(exports["onnxruntime-fp32"]), str(exports["aoti"])]
+    report = tmp_path / "parity.json"
+
+    def run(*argv) -> tuple[int, dict]:
+        code = console.run(parity_main, [artifact, *argv, "--json", str(report)])
+        return code, json.loads(report.read_text()) if code == 0 else {}
+
+    photos = save_image_folder(tmp_path / "photos" / "test" / "any", smooth_images(12, seed=3)).parents[1]
+    save_image_folder(tmp_path / "photos" / "train", smooth_images(5, seed=4))  # not read: test/ is
+    code, results = run(*compiled, "--data", str(photos))
+    assert code == 0, capsys.readouterr().err
+    assert set(results) == set(compiled) and {result["images"] for result in results.values()} == {12}
+    assert all(result["precision"] == "fp32" and result["top1_agreement"] == 1.0
+               and result["max_logit_diff"] <= TOLERANCES["fp32"] for result in results.values())
+    code, results = run(compiled[0], "--data", "fashion-mnist", "--limit", "40")
+    assert code == 0 and results[compiled[0]]["images"] == 40
+
+    # A graph of other prompts disagrees with this artifact: exit 4, the file named.
+    other = tiny_artifact.save(tmp_path / "other", visual_prompts=torch.randn_like(tiny_artifact.visual_prompts))
+    export_onnx(other, tmp_path / "other.onnx")
+    capsys.readouterr()
+    assert console.run(parity_main, [artifact, str(tmp_path / "other.onnx"), "--data", str(photos)]) == 4
+    assert "parity failed" in capsys.readouterr().err
+    assert console.run(parity_main, [artifact, compiled[0], "--data", "digits"]) == 2
+    assert "write their test images to a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, expected", [("1:32:256", (1, 32, 256)), ("4:4:4", (4, 4, 4))])
@@ -167,16 +209,16 @@ def test_batch_profile_rejects_bad_text(text):
 
 
 def test_trt_refuses_reduced_precision_graphs_before_needing_tensorrt(exports, tmp_path, capsys):
-    code = run_cli(trt_main, [str(exports["onnxruntime-fp16"]), "--out", str(tmp_path / "x.engine")])
+    code = console.run(trt_main, [str(exports["onnxruntime-fp16"]), "--out", str(tmp_path / "x.engine")])
     assert code == 2 and "build engines from the fp32 export and pass --fp16" in capsys.readouterr().err
-    code = run_cli(trt_main, [str(exports["onnxruntime-fp32"]), "--out", str(tmp_path / "x.engine"),
+    code = console.run(trt_main, [str(exports["onnxruntime-fp32"]), "--out", str(tmp_path / "x.engine"),
                               "--batch", "1:2"])
     assert code == 2 and "MIN:OPT:MAX" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(tensorrt_usable(), reason="checks the message given where TensorRT cannot run")
 def test_trt_without_tensorrt_or_a_gpu_exits_with_a_clear_message(exports, tmp_path, capsys):
-    code = run_cli(trt_main, [str(exports["onnxruntime-fp32"]), "--out", str(tmp_path / "x.engine")])
+    code = console.run(trt_main, [str(exports["onnxruntime-fp32"]), "--out", str(tmp_path / "x.engine")])
     error = capsys.readouterr().err
     assert code == 3 and error.startswith("error: ") and "Traceback" not in error
     assert "TensorRT is not installed" in error or "needs an NVIDIA GPU" in error

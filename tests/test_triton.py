@@ -14,9 +14,9 @@ from conftest import smooth_images
 from test_export import tensorrt_usable
 
 import guard
-from export.common import run_cli
 from export.onnx import export_onnx
 from export.triton import export_triton, main
+from guard import console
 from guard.artifact import read_manifest
 from guard.calibration import calibrate
 from guard.client import TRITON_SIDECAR_PARAMETER, TritonBackend, sidecar_from_triton_config, triton_from_config
@@ -170,7 +170,7 @@ def test_an_exported_onnx_graph_is_copied_with_its_sidecar_renamed(calibrated, t
 
 def test_export_refusals_and_exit_codes(calibrated, tmp_path, capsys):
     def run(*argv) -> tuple[int, str]:
-        code = run_cli(main, [str(arg) for arg in argv])
+        code = console.run(main, [str(arg) for arg in argv])
         return code, capsys.readouterr().err
 
     existing = tmp_path / "r0"
