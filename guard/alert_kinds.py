@@ -28,7 +28,7 @@ from typing import Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
-from .alerts import DENSITY, DETECTOR, STATISTICS, AlertConfig, alert_scores, density_scores
+from .alerts import DENSITY, DETECTOR, STATISTICS, AlertConfig, alert_scores, density_scores, expand_batch
 from .density import ClassDensity
 from .detector import DetectorConfig, InputDetector, train_detector
 from .errors import InputError
@@ -50,6 +50,21 @@ class AlertRows:
     @property
     def n_images(self) -> int:
         return len(self.images)
+
+
+# run(preprocessed images, frozen_rows, class_token) -> (logits, embedding[, class tokens]):
+# Backend.run's signature, or an in-memory model's forward (training.detection).
+Runner = Callable[[torch.Tensor, int, bool], tuple]
+
+
+def alert_rows(run: Runner, preprocess, resized: torch.Tensor, config: AlertConfig,
+               class_token: bool = False) -> AlertRows:
+    """One call of `run` over expand_batch's rows of resized images [N, 3, S, S] in [0, 1],
+    normalised with `preprocess` (a guard.preprocess.Preprocess); the frozen-tower rows come
+    last. How the guard serves an alert, and how training.detection measures one (gradients
+    flow when run's do)."""
+    expanded = preprocess.normalize(expand_batch(resized, config))
+    return AlertRows(resized, *run(expanded, len(resized) if config.frozen_tower else 0, class_token))
 
 
 @dataclass
@@ -309,5 +324,5 @@ register(DENSITY, Density)
 register(DETECTOR, Detector)
 _BUILT_IN = frozenset(REGISTRY)
 
-__all__ = ["AlertKind", "AlertRows", "Density", "Detector", "Fit", "FitData", "REGISTRY", "Resistivity",
-           "alert_of", "fitted_files", "kind_of", "register", "unregister"]
+__all__ = ["AlertKind", "AlertRows", "Density", "Detector", "Fit", "FitData", "REGISTRY", "Resistivity", "Runner",
+           "alert_of", "alert_rows", "fitted_files", "kind_of", "register", "unregister"]

@@ -107,7 +107,8 @@ class Manifest:
         """A compiled model's own entry (document[kind]: the ONNX attention, an engine's build)."""
         details = self.document.get(self.kind)
         if not isinstance(details, dict):
-            raise ArtifactError(f"the {self.kind!r} entry of {self.path or 'the sidecar'} is missing; re-run the export")
+            raise ArtifactError(f"the {self.kind!r} entry of {self.path or 'the sidecar'} is missing; "
+                                "re-run the export")
         return details
 
     # Read access to the document as written, for code that reads entries not typed here.

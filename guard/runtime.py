@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ._compat import import_open_clip
-from .alert_kinds import AlertKind, AlertRows, alert_of, kind_of
-from .alerts import AlertConfig, density_alert, density_rows, expand_batch
+from .alert_kinds import AlertKind, AlertRows, alert_of, alert_rows, kind_of
+from .alerts import AlertConfig, density_alert, density_rows
 from .artifact import MANIFEST, Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .errors import ArtifactError, ClosedError, InputError
@@ -242,9 +243,9 @@ class Guard:
         config = density_alert(frozen)
         logits, tokens = [], []
         for resized in self._batches(inputs, batch_size, progress):
-            batch_logits, _, batch_tokens = self._run_rows(backend, resized, config, class_token=True)
-            logits.append(batch_logits[:len(resized)])
-            tokens.append(density_rows(batch_tokens, len(resized), config))
+            rows = self._run_rows(backend, resized, config, class_token=True)
+            logits.append(rows.logits[:len(resized)])
+            tokens.append(density_rows(rows.class_token, len(resized), config))
         if not logits:
             return torch.empty(0, len(self.classes)), torch.empty(0, 0)
         return torch.cat(logits), torch.cat(tokens)
@@ -264,20 +265,17 @@ class Guard:
             if kind is None:
                 logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
                 continue
-            outputs = self._run_rows(backend, resized, alert, kind.reads_class_token)
-            scores.append(kind.score(AlertRows(resized, *outputs)))
-            logits.append(outputs[0][:len(resized)])  # the unperturbed images come first
+            rows = self._run_rows(backend, resized, alert, kind.reads_class_token)
+            scores.append(kind.score(rows))
+            logits.append(rows.logits[:len(resized)])  # the unperturbed images come first
         if not logits:
             return torch.empty(0, len(self.classes)), None if alert is None else torch.empty(0)
         return torch.cat(logits), None if alert is None else torch.cat(scores)
 
     def _run_rows(self, backend: Backend, resized: torch.Tensor, config: AlertConfig,
-                  class_token: bool = False) -> tuple[torch.Tensor, ...]:
-        """One backend call over expand_batch's rows of resized images: (logits, embedding) and,
-        with class_token, the class tokens. The frozen-tower rows come last."""
-        expanded = self.preprocess.normalize(expand_batch(resized, config))
-        frozen_rows = len(resized) if config.frozen_tower else 0
-        return _run_in_pieces(backend, expanded, frozen_rows, class_token)
+                  class_token: bool = False) -> AlertRows:
+        """One backend call over expand_batch's rows of resized images (guard.alert_kinds.alert_rows)."""
+        return alert_rows(partial(_run_in_pieces, backend), self.preprocess, resized, config, class_token)
 
     def _alert_kind(self, config: AlertConfig) -> AlertKind:
         """The alert kind of `config` with what calibration fitted for this model, where it is
