@@ -148,7 +148,10 @@ def test_config_round_trip():
         again = AlertConfig.from_dict(json.loads(json.dumps(config.to_dict())))
         assert again == config and isinstance(again.perturbations, tuple)
     assert AlertConfig().num_perturbations == 2
-    assert set(spec.partition(":")[0] for spec in ALL_PERTURBATIONS) == set(PERTURBATIONS)
+    # every image perturbation, and the frozen-tower option in its manifest spelling
+    assert set(spec.partition(":")[0] for spec in ALL_PERTURBATIONS) == set(PERTURBATIONS) | {"frozen"}
+    frozen = AlertConfig(ALL_PERTURBATIONS)
+    assert frozen.frozen_tower and "frozen" not in frozen.perturbations and frozen.views == ALL_PERTURBATIONS
 
 
 @pytest.mark.parametrize("kwargs", [
