@@ -364,7 +364,8 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
                         "fits the feature density on the images and takes no perturbation, or only 'frozen'; "
                         "'detector' (artifacts only) trains the input detector on them and takes no perturbation")
     parser.add_argument("--detector-families", default=None, metavar="F1,F2",
-                        help="synthetic trigger families the detector trains on (default: all of patch,blend,sine,warp)")
+                        help="synthetic trigger families the detector trains on "
+                             "(default: all of patch,blend,sine,warp)")
     parser.add_argument("--detector-steps", type=_positive_int, default=None,
                         help="detector training steps (1000)")
     parser.add_argument("--backend", default="auto", metavar="B", help="auto (default), torch, onnxruntime, ...")
@@ -393,7 +394,7 @@ def calibrate_from(args, read_images) -> int:
         raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
     # Read (and verify) the model's document before any image is loaded: a bad model fails fast.
     manifest = Manifest.from_document(*model_document(args.model)[:2])
-    current = manifest.alert
+    current = manifest.alert_config
     config = None
     if args.perturbations is not None or args.statistic is not None:
         statistic = args.statistic or current.statistic
@@ -434,8 +435,8 @@ def calibration_images(data: str, limit: int, seed: int,
 
     directory = Path(data)
     if not directory.is_dir():
-        raise DataError(f"--data {data}: not a directory of images (a built-in data set such as fashion-mnist: "
-                        "`python -m training.calibrate MODEL --data fashion-mnist`)")
+        raise DataError(f"--data {data}: neither a directory of images nor anything else guard reads; for a "
+                        "built-in data set run `python -m training.calibrate MODEL --data fashion-mnist`")
     files = image_files(directory)
     if not files:
         raise DataError(f"{data} holds no image files (any format Pillow reads)")

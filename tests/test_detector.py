@@ -238,7 +238,8 @@ def test_the_detector_calibrates_on_twice_the_images_by_default(artifact_copy, m
         asked.append(limit)
         raise InputError("stop here")
     monkeypatch.setattr(cli, "calibration_images", calibration_images)
-    args = ["calibrate", str(artifact_copy), "--data", str(artifact_copy)] + (["--statistic", statistic] if statistic else [])
+    args = ["calibrate", str(artifact_copy), "--data", str(artifact_copy)]
+    args += ["--statistic", statistic] if statistic else []
     assert cli.main(args) != 0 and asked == [expected]
     assert cli.main(args + ["--limit", "300"]) != 0 and asked[-1] == 300
 
