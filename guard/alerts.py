@@ -38,8 +38,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .density import ClassDensity
-from .detector import InputDetector
 from .errors import InputError
 
 Perturbation = Callable[[torch.Tensor], torch.Tensor]
@@ -103,9 +101,12 @@ def down_up(images: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(small, size=side, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
 
 
-def gaussian_noise(images: torch.Tensor, std: float, seed: int) -> torch.Tensor:
-    """One fixed noise image (seeded generator made per call) added to every image."""
-    noise = torch.randn((1, *images.shape[1:]), generator=torch.Generator().manual_seed(seed))
+def gaussian_noise(images: torch.Tensor, std: float, seed: int, per_image: bool = False) -> torch.Tensor:
+    """One fixed noise image (seeded generator made per call) added to every image, so that an
+    image's result does not depend on its batch; per_image: a fresh draw for each image of the
+    batch instead (the training side's PR perturbation)."""
+    shape = images.shape if per_image else (1, *images.shape[1:])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     return (images + std * noise.to(images)).clamp(0.0, 1.0)
 
 
@@ -114,6 +115,9 @@ def quantize(images: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.round(images * (levels - 1)) / (levels - 1)
 
 
+# The frozen-tower option's spelling in a list of perturbations (manifests, the CLI's
+# --perturbations): a last 'frozen' runs the image itself once more through the frozen tower.
+# It is no image change, so AlertConfig keeps it apart as `frozen_tower`.
 FROZEN_TOWER = "frozen"
 
 # name -> (parameter type or None, parameter check, function(images, parameter, index)).
@@ -129,20 +133,9 @@ PERTURBATIONS = {
     "noise": (float, (lambda v: 0 < v <= 1, "a std in (0, 1]"), lambda x, v, i: gaussian_noise(x, v, seed=i)),
     "quant": (int, (lambda v: v >= 2, "an integer >= 2"), lambda x, v, i: quantize(x, v)),
     "hflip": (None, None, lambda x, v, i: x.flip(-1)),
-    # not an image change: these rows run through the frozen tower (the prompts off), where a
-    # trigger that purification removed still fires; only the torch backend serves it, and
-    # it must come last so that the backend finds its rows at the end of the batch
-    FROZEN_TOWER: (None, None, lambda x, v, i: x),
 }
 
-# Not functions of the views' outputs, and fitted when calibrating: the feature density
-# (guard.density) of the image's last class token, or with the 'frozen' view of the frozen
-# tower's; and the input detector (guard.detector), a small CNN on the resized input.
-DENSITY = "density"
-DETECTOR = "detector"
-FITTED_TYPES = {DENSITY: ClassDensity, DETECTOR: InputDetector}  # what calibration fits for each
-FITTED_STATISTICS = tuple(FITTED_TYPES)
-
+# The statistics of the perturbation resistivity family (guard.alert_kinds.Resistivity):
 # name -> score(ch, cz, kl); ch, cz: mean cosines of embeddings and logits; kl: mean KL.
 STATISTICS = {
     "pr_terms": lambda ch, cz, kl: (1 - ch) + (1 - cz),
@@ -154,13 +147,22 @@ STATISTICS = {
 }
 
 
+# The registered names of the alert kinds that calibration fits (guard.alert_kinds).
+DENSITY = "density"
+DETECTOR = "detector"
+
+
 def _parse(spec) -> tuple[str, object]:
     """'name' or 'name:value' -> (name, typed value), InputError when unusable."""
     if not isinstance(spec, str):
         raise InputError(f"a perturbation is a string such as 'median:3', got {spec!r}")
     name, _, raw = spec.partition(":")
+    if name == FROZEN_TOWER:
+        raise InputError(f"the {FROZEN_TOWER!r} view takes no parameter and must be the last perturbation, "
+                         f"got {spec!r}")
     if name not in PERTURBATIONS:
-        raise InputError(f"unknown perturbation {name!r} in {spec!r}; known: {sorted(PERTURBATIONS)}")
+        raise InputError(f"unknown perturbation {name!r} in {spec!r}; known: {sorted(PERTURBATIONS)} "
+                         f"and a last {FROZEN_TOWER!r} (the frozen tower)")
     kind, check, _ = PERTURBATIONS[name]
     if kind is None:
         if raw:
@@ -177,35 +179,36 @@ def _parse(spec) -> tuple[str, object]:
 
 @dataclass(frozen=True)
 class AlertConfig:
-    """perturbations: K >= 1 specs 'name' or 'name:value' (see PERTURBATIONS), one extra
-    forward pass each; 'frozen' (last) is the image itself through the frozen tower.
-    statistic: a key of STATISTICS, DENSITY with no perturbation (the served tower's
-    class token) or only 'frozen' (the frozen tower's), or DETECTOR with no perturbation
-    (it reads the input itself). threshold: scores above it alert
-    (calibrate it on clean images with `calibrate_threshold`); None means not calibrated."""
+    """What an alert is, as a manifest records it. statistic: a name in the alert registry
+    (guard.alert_kinds: the PR statistics of STATISTICS, "density", "detector", and any
+    registered since), which says which perturbations and options it takes.
+    perturbations: specs 'name' or 'name:value' (see PERTURBATIONS), one extra forward pass
+    each. frozen_tower: one more pass of the image itself, through the frozen tower (torch
+    backend only); a last 'frozen' in perturbations is the same option in the manifests'
+    spelling. threshold: scores above it alert (calibrate it on clean images with
+    `calibrate_threshold`); None means not calibrated."""
     perturbations: tuple[str, ...] = ("open:3", "median:3")
     statistic: str = "pr_terms"
     threshold: Optional[float] = None
+    frozen_tower: bool = False
 
     def __post_init__(self):
+        from .alert_kinds import kind_of  # the registry's kinds build on this module
+
         if isinstance(self.perturbations, str) or not isinstance(self.perturbations, (tuple, list)):
             raise InputError(f"perturbations must be a list of specs such as ['median:3'], got {self.perturbations!r}")
-        for spec in self.perturbations:
+        perturbations = tuple(self.perturbations)
+        if FROZEN_TOWER in perturbations:
+            if perturbations.index(FROZEN_TOWER) != len(perturbations) - 1:
+                raise InputError(f"the {FROZEN_TOWER!r} view must be the last perturbation, got {list(perturbations)}")
+            perturbations = perturbations[:-1]
+            object.__setattr__(self, "frozen_tower", True)
+        for spec in perturbations:
             _parse(spec)
-        if FROZEN_TOWER in self.perturbations[:-1]:
-            raise InputError(f"the {FROZEN_TOWER!r} view must be the last perturbation, got {list(self.perturbations)}")
-        object.__setattr__(self, "perturbations", tuple(self.perturbations))
-        known = (*STATISTICS, *FITTED_STATISTICS)
-        if not isinstance(self.statistic, str) or self.statistic not in known:
-            raise InputError(f"unknown statistic {self.statistic!r}; known: {sorted(known)}")
-        if self.statistic == DENSITY and self.perturbations not in ((), (FROZEN_TOWER,)):
-            raise InputError(f"the {DENSITY!r} statistic takes no perturbation (the served tower) or only "
-                             f"{FROZEN_TOWER!r} (the frozen tower), got {list(self.perturbations)}")
-        if self.statistic == DETECTOR and self.perturbations:
-            raise InputError(f"the {DETECTOR!r} statistic reads the input itself and takes no perturbation, got "
-                             f"{list(self.perturbations)}")
-        if self.statistic not in FITTED_STATISTICS and not self.perturbations:
-            raise InputError("an alert needs at least one perturbation")
+        object.__setattr__(self, "perturbations", perturbations)
+        if not isinstance(self.frozen_tower, bool):
+            raise InputError(f"frozen_tower must be True or False, got {self.frozen_tower!r}")
+        kind_of(self.statistic).check(self)
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                     or not math.isfinite(self.threshold):
@@ -213,21 +216,31 @@ class AlertConfig:
             object.__setattr__(self, "threshold", float(self.threshold))
 
     @property
+    def views(self) -> tuple[str, ...]:
+        """The extra rows per image in the manifests' spelling: the perturbations, then 'frozen'."""
+        return self.perturbations + ((FROZEN_TOWER,) if self.frozen_tower else ())
+
+    @property
     def num_perturbations(self) -> int:
-        return len(self.perturbations)
+        """Extra forward rows per image (the frozen-tower view included)."""
+        return len(self.views)
 
     @property
     def uses_frozen_tower(self) -> bool:
-        return self.perturbations[-1:] == (FROZEN_TOWER,)
+        return self.frozen_tower
 
     @property
     def needs_torch_backend(self) -> bool:
         """The frozen-tower view, the class token and what calibration fitted (stored in an
         artifact directory) are served by the torch backend only."""
-        return self.uses_frozen_tower or self.statistic in FITTED_STATISTICS
+        from .alert_kinds import kind_of
+
+        return kind_of(self.statistic).needs_tower_internals(self)
 
     def to_dict(self) -> dict:
-        return {"perturbations": list(self.perturbations), "statistic": self.statistic, "threshold": self.threshold}
+        # the frozen-tower option keeps its format-1 spelling on disk, so that every reader of
+        # format 1 (older clip-guard releases included) reads what this one writes
+        return {"perturbations": list(self.views), "statistic": self.statistic, "threshold": self.threshold}
 
     @classmethod
     def from_dict(cls, data: dict) -> "AlertConfig":
@@ -238,6 +251,9 @@ class AlertConfig:
             raise InputError(f"unknown alert config keys {sorted(unknown)}")
         if "perturbations" not in data or "statistic" not in data:
             raise InputError("an alert config needs 'perturbations' and 'statistic'")
+        if isinstance(data["perturbations"], str) or not isinstance(data["perturbations"], (list, tuple)):
+            raise InputError(f"perturbations must be a list of specs such as ['median:3'], got "
+                             f"{data['perturbations']!r}")
         return cls(tuple(data["perturbations"]), data["statistic"], data.get("threshold"))
 
 
@@ -259,6 +275,8 @@ def expand_batch(images: torch.Tensor, config: AlertConfig) -> torch.Tensor:
         if isinstance(value, int) and name != "quant" and value > side:
             raise InputError(f"perturbation {spec!r} is too large for {side} px images")
         copies.append(PERTURBATIONS[name][2](images, value, index))
+    if config.frozen_tower:  # the image itself, run through the frozen tower: its rows come last
+        copies.append(images)
     return torch.cat(copies)
 
 
@@ -278,9 +296,10 @@ def alert_scores(logits: torch.Tensor, embedding: torch.Tensor, n_images: int,
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise InputError(f"{name} must be 2-D with {n_images} x {copies} = {n_images * copies} rows "
                              f"(images x (1 + perturbations)), got {got}")
-    if config.statistic in FITTED_STATISTICS:
-        raise InputError(f"the {config.statistic!r} statistic is not a function of the outputs: the guard "
-                         "serves it with what calibration fitted")
+    if config.statistic not in STATISTICS:
+        raise InputError(f"the {config.statistic!r} statistic is not a function of the outputs that alert_scores "
+                         f"computes (those are {sorted(STATISTICS)}): the guard serves it through its alert kind "
+                         "(guard.alert_kinds)")
     if n_images == 0:
         return torch.empty(0)
     z = logits.float().reshape(copies, n_images, -1)
@@ -296,12 +315,12 @@ def alert_scores(logits: torch.Tensor, embedding: torch.Tensor, n_images: int,
 
 def density_alert(frozen: bool = False) -> AlertConfig:
     """The uncalibrated DENSITY alert on the served tower, or on the frozen tower."""
-    return AlertConfig((FROZEN_TOWER,) if frozen else (), DENSITY)
+    return AlertConfig((), DENSITY, frozen_tower=frozen)
 
 
 def density_rows(class_tokens: torch.Tensor, n_images: int, config: AlertConfig) -> torch.Tensor:
     """The [N, D] rows of `expand_batch`'s N * (1 + K) last-block class tokens that the
-    DENSITY statistic reads: the image's own, or with the 'frozen' view the frozen tower's."""
+    DENSITY statistic reads: the image's own, or with the frozen-tower view the frozen tower's."""
     copies = 1 + config.num_perturbations
     if not isinstance(class_tokens, torch.Tensor) or class_tokens.ndim != 2 \
             or len(class_tokens) != n_images * copies:

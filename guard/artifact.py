@@ -4,10 +4,11 @@
     visual.safetensors             the frozen image tower of the base model
     prompts.safetensors            learned RVPT prompts ("visual_prompts": [blocks, tokens, width])
     class_embeddings.safetensors   constant class text embeddings and the logit scale
-    alert_density.safetensors      only when calibrated with the "density" alert statistic:
-                                   the feature density's class means and precision
-    alert_detector.safetensors     only when calibrated with the "detector" alert statistic:
-                                   the input detector's weights
+    alert_*.safetensors            only when calibrated with an alert kind that fits something
+                                   (guard.alert_kinds): its fitted_file, e.g.
+                                   alert_density.safetensors (the feature density's class
+                                   means and precision) or alert_detector.safetensors (the
+                                   input detector's weights)
 
 Every file's sha256 is in the manifest, and the manifest carries the sha256 of its
 own canonical JSON, so a flipped byte anywhere is caught when the artifact loads.
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import __version__
-from .alerts import DENSITY, DETECTOR
+from .alert_kinds import DENSITY_FILE, DETECTOR_FILE, fitted_files  # noqa: F401 (the built-in kinds' files)
 from .errors import ArtifactError
 from .preprocess import Preprocess
 from .sealed import file_records, read_sealed, verify_files, write_sealed
@@ -34,10 +35,6 @@ CHECKSUM_KEY = "manifest_sha256"
 VISUAL_FILE = "visual.safetensors"
 PROMPTS_FILE = "prompts.safetensors"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
-DENSITY_FILE = "alert_density.safetensors"
-DETECTOR_FILE = "alert_detector.safetensors"
-# where each alert statistic that calibration fits (guard.alerts.FITTED_STATISTICS) keeps it
-ALERT_FILES = {DENSITY: DENSITY_FILE, DETECTOR: DETECTOR_FILE}
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class Artifact:
     visual_prompts: Optional[torch.Tensor]
     text_features: torch.Tensor
     logit_scale: float
-    alert_state: Optional[dict] = None  # the ALERT_FILES tensors of the recorded alert statistic, if it has any
+    alert_state: Optional[dict] = None  # the tensors of the recorded alert kind's fitted_file, if it has one
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -142,6 +139,6 @@ def load_artifact(path: str | Path) -> Artifact:
     embeddings = tensors[CLASS_EMBEDDINGS_FILE]
     prompts = tensors.get(PROMPTS_FILE, {}).get("visual_prompts")
     alert = manifest.get("alert")  # checked when the runtime reads it (guard.runtime.alert_config_of)
-    alert_file = ALERT_FILES.get(alert.get("statistic")) if isinstance(alert, dict) else None
+    alert_file = fitted_files().get(alert.get("statistic")) if isinstance(alert, dict) else None
     return Artifact(directory, manifest, tensors[VISUAL_FILE], prompts,
                     embeddings["text_features"], float(embeddings["logit_scale"]), tensors.get(alert_file))

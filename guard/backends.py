@@ -6,8 +6,11 @@
     tensorrt     a `.engine` from `python -m export.trt` (needs TensorRT and a GPU)
 
 Each takes a batch of preprocessed images (float32 [N, 3, S, S]) and returns the
-float32 logits [N, C] and image embeddings [N, E] on the CPU. Optional packages
-(onnxruntime, tensorrt) are imported only when their backend is used.
+float32 logits [N, C] and image embeddings [N, E] on the CPU, through one signature,
+`Backend.run(images, frozen_rows=0, class_token=False)`. Only the torch backend serves
+the tower's internals (the frozen-tower rows, the class token); compiled backends refuse
+them with an InputError. Optional packages (onnxruntime, tensorrt) are imported only when
+their backend is used.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .errors import MissingDependencyError, ModelLoadError
+from .errors import InputError, MissingDependencyError, ModelLoadError
 from .folded import fused_attention_available
 from .sidecar import INPUT_NAME, OUTPUT_NAMES
 
@@ -25,7 +28,8 @@ BACKEND_NAMES = ("torch", "onnxruntime", "aoti", "tensorrt")
 
 
 class Backend:
-    """Runs the compiled or eager forward pass. Subclasses set `name` and implement run."""
+    """Runs the compiled or eager forward pass. Subclasses set `name` and implement `_forward`
+    (and, where they serve the tower's internals, `_forward_internals`); callers use `run`."""
     name = "backend"
     max_batch: Optional[int] = None  # the largest batch one run accepts; None: any
     # the frozen-tower view and the class token: compiled graphs have the prompts folded into
@@ -35,7 +39,24 @@ class Backend:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, images: torch.Tensor, frozen_rows: int = 0, class_token: bool = False) -> tuple[torch.Tensor, ...]:
+        """(logits [N, C], embedding [N, E]) of preprocessed images, float32 on the CPU; with
+        class_token also the last block's class tokens [N, D]. The last `frozen_rows` rows run
+        through the frozen tower (the prompts off). Both need `serves_tower_internals`."""
+        if isinstance(frozen_rows, bool) or not isinstance(frozen_rows, int) or not 0 <= frozen_rows <= len(images):
+            raise InputError(f"frozen_rows must be an integer in [0, {len(images)}], got {frozen_rows!r}")
+        if not frozen_rows and not class_token:
+            return self._forward(images)
+        if not self.serves_tower_internals:
+            raise InputError(f"the frozen-tower view and the class token need the artifact directory on the torch "
+                             f"backend; the {self.name} model has its prompts folded in and returns logits and "
+                             "embeddings only")
+        return self._forward_internals(images, frozen_rows, class_token)
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _forward_internals(self, images: torch.Tensor, frozen_rows: int, class_token: bool) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -61,7 +82,10 @@ class TorchBackend(Backend):
         super().__init__(device)
         self.model = model
 
-    def run(self, images, frozen_rows: int = 0, class_token: bool = False):
+    def _forward(self, images):
+        return self._forward_internals(images, 0, False)
+
+    def _forward_internals(self, images, frozen_rows, class_token):
         with torch.inference_mode():
             return _outputs_to_cpu(*self.model(images.to(self.device), frozen_rows, class_token))
 
@@ -123,7 +147,7 @@ class OnnxRuntimeBackend(Backend):
             raise ModelLoadError(f"{path} has outputs {names}; expected {list(OUTPUT_NAMES)} first "
                                  "(export it with `python -m export.onnx`)")
 
-    def run(self, images):
+    def _forward(self, images):
         logits, embedding = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.float().cpu().numpy()})
         return torch.from_numpy(logits).float(), torch.from_numpy(embedding).float()
 
@@ -158,7 +182,7 @@ class AOTIBackend(Backend):
         # The compiled model's runner holds per-call buffers: one call at a time.
         self._lock = threading.Lock()
 
-    def run(self, images):
+    def _forward(self, images):
         with self._lock, torch.inference_mode():
             return _outputs_to_cpu(*self.runner(images.float().to(self.device)))
 
@@ -189,7 +213,7 @@ class TensorRTBackend(Backend):
         self.max_batch = int(sidecar["tensorrt"]["profile"]["max"])
         self._lock = threading.Lock()  # an execution context serves one call at a time
 
-    def run(self, images):
+    def _forward(self, images):
         with self._lock, torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
             images = images.float().to(self.device).contiguous()

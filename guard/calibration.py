@@ -8,13 +8,13 @@ the calibration statistics in the model's manifest (artifact directory) or sidec
 (compiled file), re-sealed. From then on every `classify` result says whether its input
 alerts; before, results say "uncalibrated". `python -m guard calibrate` is the CLI.
 
-The "density" statistic (artifact directories only) first fits the feature density
-(guard.density) on every other clean image, labelled by `labels` where given (the CLI
-passes a built-in data set's) or else by the model's own predictions (docs/detection.md
-measured the difference as small), sets the threshold on the other images, and stores the
-density in the artifact as DENSITY_FILE. The "detector" statistic (artifact directories only)
-trains the input detector (guard.detector) on every other clean image against synthetic
-triggers, sets the threshold on the other images, and stores its weights as DETECTOR_FILE.
+What happens to the images is the alert kind's business (guard.alert_kinds): most kinds
+score them all; a kind that fits something (artifact directories only) fits it on every
+other image and scores the rest. The "density" kind fits the feature density (guard.density),
+labelled by `labels` where given (the CLI passes those of a labelled image folder) or else
+by the model's own predictions (docs/detection.md measured the difference as small); the
+"detector" kind trains the input detector (guard.detector) against synthetic triggers. What
+was fitted goes into the artifact as the kind's `fitted_file`.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import __version__, artifact, sidecar
-from .alerts import DENSITY, DETECTOR, FITTED_STATISTICS, FITTED_TYPES, AlertConfig, calibrate_threshold
-from .density import ClassDensity
-from .detector import DetectorConfig, InputDetector, train_detector
+from .alert_kinds import FitData, fitted_files, kind_of
+from .alerts import DETECTOR, AlertConfig, calibrate_threshold
+from .detector import DetectorConfig
 from .errors import InputError
 from .runtime import load, model_kind
 from .sealed import file_records, write_sealed
@@ -56,29 +56,15 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
     needed = math.ceil(1.0 / fpr)
     if len(images) < needed:
         raise InputError(f"calibrating at fpr {fpr} needs at least {needed} clean images, got {len(images)}")
-    fitted, fit_images, fit_record = None, None, {}
     with load(path, backend=backend, device=device) as model:
         config = dataclasses.replace(config or model.alert_config, threshold=None)
-        if config.statistic in FITTED_STATISTICS and len(images) < 2 * needed:
+        kind = kind_of(config.statistic)
+        if kind.fitted_type is not None and len(images) < 2 * needed:
             raise InputError(f"calibrating the {config.statistic} at fpr {fpr} needs at least {2 * needed} clean "
                              f"images (half to fit it, half for the threshold), got {len(images)}")
-        if config.statistic == DENSITY:
-            # the image's rows are what a served density score reads: same class tokens, same scores
-            logits, tokens = model.class_tokens(images, batch_size, config.uses_frozen_tower, progress)
-            labels = _density_labels(labels, logits)
-            # Fitted on every other image, thresholded on the rest: distances to a density fitted
-            # on the same images are biased low (measured: 1.65 to 2.4 % clean alerts on new
-            # images at an in-sample 1 % threshold; docs/detection.md).
-            fitted = ClassDensity.fit(tokens[0::2], labels[0::2], len(model.classes))
-            scores, fit_images = fitted.score(tokens[1::2]).double(), len(tokens[0::2])
-        elif config.statistic == DETECTOR:  # fitted on every other image, as the density
-            resized = model.resized(images, batch_size, progress)
-            fitted = train_detector(resized[0::2], detector, training_progress)
-            with torch.no_grad():
-                scores = fitted(resized[1::2]).double()
-            fit_images, fit_record = len(resized[0::2]), {"detector": detector.to_dict()}
-        else:
-            scores = model.alert_scores(images, batch_size, config, progress).double()
+        fit = kind(config).fit(FitData(model, images, labels, batch_size, progress, training_progress,
+                                       {DETECTOR: detector}))
+        scores = fit.scores
         measured_on = {"backend": model.backend, "device": str(model.device),
                        "precision": model.manifest.get("precision", "fp32")}
     threshold = calibrate_threshold(scores, fpr)
@@ -86,8 +72,7 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
         "fpr": fpr,
         "threshold": threshold,
         "images": len(scores),
-        **({"fit_images": fit_images} if fit_images is not None else {}),
-        **fit_record,
+        **fit.record,
         "data": data,
         "clean_alert_rate": (scores > threshold).double().mean().item(),
         "scores": {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -98,22 +83,8 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
         "clip_guard_version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    store_alert(path, dataclasses.replace(config, threshold=threshold), record, fitted)
+    store_alert(path, dataclasses.replace(config, threshold=threshold), record, fit.alert.fitted)
     return record
-
-
-def _density_labels(labels: Optional[Sequence[int]], logits: torch.Tensor) -> torch.Tensor:
-    if labels is None:
-        predicted = logits.argmax(-1)
-        missing = (torch.bincount(predicted, minlength=logits.shape[1]) == 0).nonzero().flatten().tolist()
-        if missing:
-            raise InputError(f"the model predicts none of the calibration images as classes {missing}; the feature "
-                             "density needs clean images of every class: add some, or pass their labels")
-        return predicted
-    labels = torch.as_tensor(list(labels))
-    if labels.shape != (len(logits),) or labels.is_floating_point():
-        raise InputError(f"labels must be {len(logits)} class indices, one per image, got shape {tuple(labels.shape)}")
-    return labels
 
 
 def model_document(path: str | Path) -> tuple[dict, Path, str]:
@@ -125,34 +96,33 @@ def model_document(path: str | Path) -> tuple[dict, Path, str]:
     return sidecar.read_sidecar(path, kind), sidecar.sidecar_path(path), sidecar.CHECKSUM_KEY
 
 
-def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dict],
-                fitted: Optional[ClassDensity | InputDetector] = None) -> Path:
+def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dict], fitted=None) -> Path:
     """Write the alert config and its calibration record into the model's manifest or sidecar
     (checked first, then re-sealed and replaced atomically); returns the file written.
-    fitted: what calibration fitted for a DENSITY or DETECTOR alert (a ClassDensity or an
-    InputDetector), written into an artifact directory as the statistic's file of
-    artifact.ALERT_FILES and listed with its checksum; an alert drops every other such file."""
+    fitted: what calibration fitted for the alert's kind (its fitted_type: a ClassDensity for
+    "density", an InputDetector for "detector"), written into an artifact directory as the
+    kind's fitted_file and listed with its checksum; an alert drops every other such file."""
     from safetensors.torch import save_file
 
     document, document_path, checksum_key = model_document(path)
-    expected = FITTED_TYPES.get(config.statistic, type(None))
-    if not isinstance(fitted, expected):
-        raise InputError(f"the {config.statistic!r} alert statistic needs "
-                         + (f"a fitted {expected.__name__}" if fitted is None else "nothing fitted")
-                         + f", got {type(fitted).__name__}")
+    kind = kind_of(config.statistic)
+    if kind.fitted_type is not None and fitted is None:
+        raise InputError(f"the {config.statistic!r} alert statistic needs a fitted {kind.fitted_type.__name__}, "
+                         "got NoneType")
+    entry, tensors = kind(config, fitted).to_manifest()
     directory = Path(path)
     is_artifact = model_kind(directory)[0] == "artifact"
-    if fitted is not None and not is_artifact:
+    if tensors is not None and not is_artifact:
         raise InputError(f"{path} is compiled; the {config.statistic!r} statistic is served from artifact "
                          "directories only")
-    kept = artifact.ALERT_FILES.get(config.statistic)
-    if fitted is not None:
-        save_file({name: tensor.cpu() for name, tensor in fitted.to_tensors().items()}, directory / kept)
+    kept = kind.fitted_file
+    if tensors is not None:
+        save_file({name: tensor.cpu() for name, tensor in tensors.items()}, directory / kept)
         document["files"].update(file_records(directory, [kept]))
-    dropped = [name for name in artifact.ALERT_FILES.values() if name != kept] if is_artifact else []
+    dropped = sorted(set(fitted_files().values()) - {kept}) if is_artifact else []
     for name in dropped:
         document["files"].pop(name, None)
-    document["alert"] = config.to_dict()
+    document["alert"] = entry
     document["alert_calibration"] = calibration
     write_sealed(document_path, document, checksum_key)
     for name in dropped:

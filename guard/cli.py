@@ -6,15 +6,18 @@
     python -m guard calibrate PURIFIED --data DATA [--fpr 0.01] [--json]
     python -m guard serve PURIFIED [--host 127.0.0.1] [--port 8080] [--max-batch 32] [--max-wait-ms 0]
 
-Exit codes: 0 success; 2 usage or input error (bad arguments, an unreadable image);
-3 artifact or model error (missing, damaged or unloadable model); 1 unexpected error.
-Errors are one line on stderr, "error: ..."; -vv adds tracebacks of unexpected ones.
-Results go to stdout, logs (-v: info, -vv: debug) to stderr. See docs/cli.md.
+Exit codes: guard.console's table (0 success; 2 usage or input error, such as bad
+arguments or an unreadable image; 3 artifact or model error; 4 export error; 1 unexpected
+error; 130 interrupted). Errors are one line on stderr, "error: ..."; -v adds tracebacks of
+unexpected ones. Results go to stdout, logs (-v) to stderr. See docs/cli.md.
 
 Adding a subcommand: write `run_NAME(args) -> int` and `add_NAME(commands)`, which
 makes its parser with `_subparser` and `set_defaults(run=run_NAME)`, and list
-`add_NAME` in SUBCOMMANDS. Raise clip-guard's typed errors; main() turns them into
+`add_NAME` in SUBCOMMANDS. Raise clip-guard's typed errors; console.run turns them into
 the exit codes above.
+
+guard never imports training/ or export/: the built-in data sets reach `calibrate` as image
+folders (`python -m training.calibrate` writes and uses one), never through training.data.
 """
 from __future__ import annotations
 
@@ -26,63 +29,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from . import __version__
-from .errors import (
-    ArtifactError,
-    ClipGuardError,
-    ExportError,
-    InputError,
-    ModelLoadError,
-)
+from . import __version__, console
+from .errors import ArtifactError, DataError, InputError
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_USAGE = 2
-EXIT_MODEL = 3
-
-# Errors about the model rather than the request; every other ClipGuardError is a usage or input error.
-MODEL_ERRORS = (ArtifactError, ModelLoadError, ExportError)
-
-
-def exit_code(error: BaseException) -> int:
-    if isinstance(error, MODEL_ERRORS):
-        return EXIT_MODEL
-    if isinstance(error, ClipGuardError):
-        return EXIT_USAGE
-    return EXIT_UNEXPECTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (never raises, except BrokenPipeError)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit:  # argparse printed the usage error (2) or the help (0)
-        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
-    logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args)
-    except ClipGuardError as error:
-        fail(error)
-        return exit_code(error)
-    except KeyboardInterrupt:
-        fail("interrupted")
-        return 130
-    except BrokenPipeError:
-        raise  # the reader went away (`| head`); __main__ exits quietly
-    except Exception as error:
-        log.debug("traceback of the unexpected error", exc_info=True)
-        fail(f"unexpected {type(error).__name__}: {error} (a bug in clip-guard or its dependencies; "
-             "-vv shows the traceback)")
-        return EXIT_UNEXPECTED
+    return console.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)  # a usage error or --help exits; console.run keeps its code
+    console.setup_logging(args.verbose, default=logging.WARNING)
+    return args.run(args)
 
 
 def fail(message) -> None:
     """One line on stderr, whatever the message's own line breaks."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    console.fail(message)
 
 
 def emit(text: str) -> None:
@@ -95,7 +61,7 @@ def emit(text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m guard", description="Serve and check purified CLIP models.",
-        epilog="exit codes: 0 success, 2 usage or input error, 3 artifact or model error, 1 unexpected error")
+        epilog=console.EPILOG)
     parser.add_argument("--version", action="version", version=f"clip-guard {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
@@ -108,7 +74,7 @@ def _subparser(commands, name: str, summary: str, description: str = "") -> argp
     parser = commands.add_parser(name, help=summary, description=description or summary,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress to stderr (-vv: debug, with tracebacks)")
+                        help="log progress and debug messages to stderr, with tracebacks of unexpected errors")
     return parser
 
 
@@ -175,7 +141,7 @@ def run_classify(args) -> int:
                 if record["alert_score"] is not None:
                     pairs.append(f"{record['alert_status']}\t{record['alert_score']:.4f}")
                 emit("\t".join([record["input"], *pairs]))
-    return EXIT_USAGE if any("error" in record for record in records) else EXIT_OK
+    return console.EXIT_USAGE if any("error" in record for record in records) else console.EXIT_OK
 
 
 def classify_each(model, images: Sequence, batch_size: int, alerts: bool = True) -> list:
@@ -224,8 +190,8 @@ def run_inspect(args) -> int:
         listed = ", ".join(f"{entry['name']} ({entry['problem']})" for entry in damaged)
         fail(f"{len(damaged)} of {len(summary['files'])} files of {summary['path']} do not verify: {listed}; "
              "restore them from a copy or re-create the artifact")
-        return EXIT_MODEL
-    return EXIT_OK
+        return console.EXIT_MODEL
+    return console.EXIT_OK
 
 
 def inspect_artifact(path) -> dict:
@@ -361,13 +327,10 @@ def run_doctor(args) -> int:
 
     data = report()
     emit(json.dumps(data, indent=2, default=str) if args.json else format_report(data))
-    return EXIT_OK
+    return console.EXIT_OK
 
 
 # --- calibrate ----------------------------------------------------------------------------
-
-BUILTIN_DATA = ("fashion-mnist", "digits")
-
 
 def add_calibrate(commands) -> None:
     parser = _subparser(commands, "calibrate", "set the trigger-alert threshold from clean images",
@@ -375,14 +338,20 @@ def add_calibrate(commands) -> None:
                         "the target false-alarm rate (the (1 - fpr) quantile of their scores), with the\n"
                         "calibration statistics, in the artifact's manifest or the compiled model's\n"
                         "sidecar. Use images the model was not purified on. Nothing is written when\n"
-                        "an image cannot be read.")
+                        "an image cannot be read. A built-in data set (fashion-mnist, digits):\n"
+                        "`python -m training.calibrate`, which takes the same options.")
     parser.add_argument("model", metavar="PURIFIED", help="purified artifact directory or compiled model")
-    parser.add_argument("--data", required=True,
-                        help="a directory of clean images (searched recursively), or fashion-mnist or digits "
-                             "(needs the training extra)")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="a directory of clean images (searched recursively); where its sub-folders are "
+                             "named after the model's classes, they label the images (for the density)")
+    add_calibration_options(parser)
+    parser.set_defaults(run=run_calibrate)
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `calibrate` other than the model and the data, which `python -m
+    training.calibrate` shares."""
     parser.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on clean inputs (0.01)")
-    parser.add_argument("--split", choices=("train", "test"), default="train",
-                        help="split of a built-in data set (train)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="use at most this many images, a seeded random choice (2000; 4000 for the detector, "
                              "which trains on half of them)")
@@ -395,21 +364,28 @@ def add_calibrate(commands) -> None:
                         "fits the feature density on the images and takes no perturbation, or only 'frozen'; "
                         "'detector' (artifacts only) trains the input detector on them and takes no perturbation")
     parser.add_argument("--detector-families", default=None, metavar="F1,F2",
-                        help="synthetic trigger families the detector trains on (default: all of patch,blend,sine,warp)")
+                        help="synthetic trigger families the detector trains on "
+                             "(default: all of patch,blend,sine,warp)")
     parser.add_argument("--detector-steps", type=_positive_int, default=None,
                         help="detector training steps (1000)")
     parser.add_argument("--backend", default="auto", metavar="B", help="auto (default), torch, onnxruntime, ...")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (64)")
     parser.add_argument("--json", action="store_true", help="print the calibration record as JSON")
-    parser.set_defaults(run=run_calibrate)
 
 
 def run_calibrate(args) -> int:
-    from .alerts import DETECTOR, FITTED_STATISTICS, AlertConfig
+    return calibrate_from(args, lambda limit, classes: calibration_images(args.data, limit, args.seed, classes))
+
+
+def calibrate_from(args, read_images) -> int:
+    """`calibrate` with the options of add_calibration_options; read_images(limit, the model's
+    classes) -> (images, a description, labels or None) is called once the model verified."""
+    from .alert_kinds import kind_of
+    from .alerts import AlertConfig
     from .calibration import calibrate, model_document
     from .detector import DetectorConfig
-    from .runtime import alert_config_of
+    from .manifest import Manifest
 
     _check_device(args.device)
     if not 0.0 < args.fpr < 1.0:
@@ -417,24 +393,24 @@ def run_calibrate(args) -> int:
     if not Path(args.model).exists():
         raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
     # Read (and verify) the model's document before any image is loaded: a bad model fails fast.
-    document = model_document(args.model)[0]
-    current = alert_config_of(document)
+    manifest = Manifest.from_document(*model_document(args.model)[:2])
+    current = manifest.alert_config
     config = None
     if args.perturbations is not None or args.statistic is not None:
         statistic = args.statistic or current.statistic
+        fitted = kind_of(statistic).fitted_type is not None
         if args.perturbations is not None:
-            perturbations = tuple(args.perturbations.split(",")) if args.perturbations else ()
-        else:  # the density and the detector take no perturbation unless asked; the others keep the model's
-            perturbations = () if statistic in FITTED_STATISTICS else current.perturbations
-        config = AlertConfig(perturbations, statistic)
+            config = AlertConfig(tuple(args.perturbations.split(",")) if args.perturbations else (), statistic)
+        else:  # a fitted kind takes no perturbation unless asked; the others keep the model's
+            config = AlertConfig(() if fitted else current.perturbations, statistic,
+                                 frozen_tower=not fitted and current.frozen_tower)
     detector = DetectorConfig(**{name: value for name, value in (
         ("families", args.detector_families and tuple(args.detector_families.split(","))),
         ("steps", args.detector_steps)) if value is not None})
-    # the detector needs about 2,000 images to train on (docs/detection.md), and half go to the threshold
-    limit = args.limit or (4000 if (config or current).statistic == DETECTOR else 2000)
-    images, description, labelled = calibration_images(args.data, args.split, limit, args.seed)
-    # the feature density fits on true labels where the data has them in the model's classes
-    labels = labelled[1] if labelled is not None and labelled[0] == tuple(document["classes"]) else None
+    # a fitted kind trains on half the images (the detector needs about 2,000, docs/detection.md)
+    fits = kind_of((config or current).statistic).fitted_type is not None
+    limit = args.limit or (4000 if fits and (config or current).statistic == "detector" else 2000)
+    images, description, labels = read_images(limit, manifest.classes)
     log.info("calibrating %s on %d images of %s", args.model, len(images), description)
     record = calibrate(args.model, images, args.fpr, data=description, backend=args.backend, device=args.device,
                        config=config, batch_size=args.batch_size, progress=_progress, labels=labels, detector=detector,
@@ -444,39 +420,35 @@ def run_calibrate(args) -> int:
     else:
         emit(f"threshold {record['threshold']:.6g} at fpr {record['fpr']} from {record['images']} clean images "
              f"of {description} (clean alert rate {record['clean_alert_rate']:.4f}); stored in {args.model}")
-    return EXIT_OK
+    return console.EXIT_OK
 
 
-def calibration_images(data: str, split: str, limit: int, seed: int) -> tuple[list, str, Optional[tuple]]:
-    """(images Guard.classify takes, a description, (class names, labels) or None) for --data:
-    a directory of image files (no labels) or a built-in data set; at most `limit`, a seeded
-    random choice when there are more."""
+def calibration_images(data: str, limit: int, seed: int,
+                       classes: Sequence[str] = ()) -> tuple[list, str, Optional[list[int]]]:
+    """(image files, a description, their labels or None) for --data, a directory of image
+    files: at most `limit`, a seeded random choice when there are more. The images are
+    labelled when every one lies in a sub-folder named after one of `classes` (an image
+    folder of the model's classes, as `python -m training.calibrate` writes)."""
     import torch
 
-    from .errors import DataError, MissingDependencyError
     from .inputs import image_files
 
-    if data in BUILTIN_DATA:
-        try:
-            from training.data import load_dataset
-        except ImportError as error:
-            raise MissingDependencyError(f"--data {data} needs the training package and its extra: "
-                                         f"pip install 'clip-guard[training]' ({error})") from error
-        dataset = load_dataset(data, split)
-        images, labels = list(dataset.images), (tuple(dataset.classes), dataset.labels.tolist())
-        description = f"{data} {split}"
-    elif Path(data).is_dir():
-        images, labels = [str(file) for file in image_files(Path(data))], None
-        if not images:
-            raise DataError(f"{data} holds no image files (any format Pillow reads)")
-        description = str(data)
-    else:
-        raise DataError(f"--data {data}: neither a directory of images nor one of {', '.join(BUILTIN_DATA)}")
+    directory = Path(data)
+    if not directory.is_dir():
+        raise DataError(f"--data {data}: neither a directory of images nor anything else guard reads; for a "
+                        "built-in data set run `python -m training.calibrate MODEL --data fashion-mnist`")
+    files = image_files(directory)
+    if not files:
+        raise DataError(f"{data} holds no image files (any format Pillow reads)")
+    index_of = {name: index for index, name in enumerate(classes)}
+    folders = [file.relative_to(directory).parts[0] if len(file.relative_to(directory).parts) > 1 else None
+               for file in files]
+    labels = [index_of[folder] for folder in folders] if all(folder in index_of for folder in folders) else None
+    images, description = [str(file) for file in files], str(data)
     if len(images) > limit:
         chosen = sorted(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
         images = [images[index] for index in chosen]
-        if labels is not None:
-            labels = (labels[0], [labels[1][index] for index in chosen])
+        labels = None if labels is None else [labels[index] for index in chosen]
         description += f", {limit} images chosen with seed {seed}"
     return images, description, labels
 
@@ -547,7 +519,7 @@ def run_serve(args) -> int:
                          torch_threads=args.torch_threads)
     serve(args.model, host=args.host, port=args.port, backend=args.backend, device=args.device, config=config,
           status=_serve_status)
-    return EXIT_OK
+    return console.EXIT_OK
 
 
 def _serve_status(line: str) -> None:

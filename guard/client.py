@@ -233,7 +233,7 @@ class TritonBackend(Backend):
         tensor.set_data_from_numpy(array)
         return [tensor]
 
-    def run(self, images):
+    def _forward(self, images):
         from tritonclient.utils import InferenceServerException
 
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUT_NAMES]

@@ -57,7 +57,8 @@ def setup_logging(verbose: int = 0, default: int = logging.INFO) -> None:
 
 
 def fail(message: object) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr, whatever the message's own line breaks (logs read errors line by line)."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:

@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .alerts import (DENSITY, DETECTOR, FITTED_STATISTICS, FITTED_TYPES, AlertConfig, alert_scores, density_alert,
-                     density_rows, density_scores, expand_batch)
-from .artifact import Artifact, load_artifact
+from .alert_kinds import AlertKind, AlertRows, alert_of, alert_rows, kind_of
+from .alerts import AlertConfig, density_alert, density_rows
+from .artifact import MANIFEST, Artifact, load_artifact
 from .backends import BACKEND_NAMES, AOTIBackend, Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
-from .density import ClassDensity
-from .detector import InputDetector
 from .errors import ArtifactError, ClosedError, InputError
 from .folded import fold
 from .inputs import resize_batch
+from .manifest import Manifest
 from .preprocess import Preprocess
 from .prompted import PromptedCLIP, PromptedVisionEncoder
-from .sidecar import read_sidecar
+from .sidecar import read_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -176,22 +176,27 @@ class Guard:
     """A loaded purified classifier. Thread-safe: classify keeps no state between calls,
     and backends whose engines hold per-call state serialise their own runs."""
 
-    def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str], manifest: dict,
-                 fitted_alert: Optional[ClassDensity | InputDetector] = None):
+    def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str], manifest: Manifest | dict,
+                 fitted_alert=None):
         self._backend: Optional[Backend] = backend
         self.preprocess = preprocess
         self.classes = tuple(classes)
-        self.manifest = manifest
-        # what calibration fitted for the recorded alert: the DENSITY statistic's feature
-        # density or the DETECTOR statistic's input detector, if any
+        try:
+            self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.from_document(manifest)
+        except ArtifactError:
+            backend.close()
+            raise
+        # what calibration fitted for the recorded alert (its kind's fitted_type: the feature
+        # density, the input detector), if any
         self.fitted_alert = fitted_alert
-        self.alert_config = alert_config_of(manifest)
+        self.alert_config = self.manifest.alert_config
+        kind = kind_of(self.alert_config.statistic)
         problem = None
-        if self.alert_config.needs_torch_backend and not backend.serves_tower_internals:
-            recorded = f"{self.alert_config.statistic} over {list(self.alert_config.perturbations)}"
+        if kind.needs_tower_internals(self.alert_config) and not backend.serves_tower_internals:
+            recorded = f"{self.alert_config.statistic} over {list(self.alert_config.views)}"
             problem = (f"the recorded alert ({recorded}) needs the frozen tower, the class token or what "
                        f"calibration fitted, which the {backend.name} backend cannot serve")
-        elif self.alert_config.statistic in FITTED_STATISTICS and not self._has_fitted(self.alert_config.statistic):
+        elif kind.fitted_type is not None and alert_of(self.alert_config, fitted_alert).fitted is None:
             problem = (f"the recorded alert is the {self.alert_config.statistic}, but the model holds no fitted "
                        f"{self.alert_config.statistic}")
         if problem:
@@ -241,10 +246,9 @@ class Guard:
         config = density_alert(frozen)
         logits, tokens = [], []
         for resized in self._batches(inputs, batch_size, progress):
-            expanded = self.preprocess.normalize(expand_batch(resized, config))
-            batch_logits, _, batch_tokens = backend.run(expanded, len(resized) if frozen else 0, class_token=True)
-            logits.append(batch_logits[:len(resized)])
-            tokens.append(density_rows(batch_tokens, len(resized), config))
+            rows = self._run_rows(backend, resized, config, class_token=True)
+            logits.append(rows.logits[:len(resized)])
+            tokens.append(density_rows(rows.class_token, len(resized), config))
         if not logits:
             return torch.empty(0, len(self.classes)), torch.empty(0, 0)
         return torch.cat(logits), torch.cat(tokens)
@@ -253,39 +257,33 @@ class Guard:
              progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(logits [N, C], alert scores [N] or None without an alert config)."""
         backend = self._open_backend()
-        if alert is not None and alert.needs_torch_backend:
-            _check_tower_internals(backend)
-            if alert.statistic in FITTED_STATISTICS and not self._has_fitted(alert.statistic):
-                raise InputError(f"this model has no fitted {alert.statistic}: calibrate it with "
-                                 f"`python -m guard calibrate MODEL --data DATA --statistic {alert.statistic}`")
+        kind = None
+        if alert is not None:
+            kind = self._alert_kind(alert)
+            if kind.needs_tower_internals(alert):
+                _check_tower_internals(backend)
+            kind.ready()
         logits, scores = [], []
         for resized in self._batches(inputs, batch_size, progress):
-            if alert is None:
+            if kind is None:
                 logits.append(_run_in_pieces(backend, self.preprocess.normalize(resized))[0])
                 continue
-            expanded = self.preprocess.normalize(expand_batch(resized, alert))
-            if alert.statistic == DETECTOR:  # the detector reads the input, beside the plain pass
-                all_logits = backend.run(expanded)[0]
-                with torch.no_grad():
-                    scores.append(self.fitted_alert(resized.to(self.device)).float().cpu())
-            elif alert.needs_torch_backend:  # one call, never split: the frozen view's rows come last
-                frozen_rows = len(resized) if alert.uses_frozen_tower else 0
-                if alert.statistic == DENSITY:
-                    all_logits, _, tokens = backend.run(expanded, frozen_rows, class_token=True)
-                    scores.append(density_scores(tokens, len(resized), alert, self.fitted_alert))
-                else:
-                    all_logits, embeddings = backend.run(expanded, frozen_rows)
-                    scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
-            else:
-                all_logits, embeddings = _run_in_pieces(backend, expanded)
-                scores.append(alert_scores(all_logits, embeddings, len(resized), alert))
-            logits.append(all_logits[:len(resized)])  # the unperturbed images come first
+            rows = self._run_rows(backend, resized, alert, kind.reads_class_token)
+            scores.append(kind.score(rows))
+            logits.append(rows.logits[:len(resized)])  # the unperturbed images come first
         if not logits:
             return torch.empty(0, len(self.classes)), None if alert is None else torch.empty(0)
         return torch.cat(logits), None if alert is None else torch.cat(scores)
 
-    def _has_fitted(self, statistic: str) -> bool:
-        return isinstance(self.fitted_alert, FITTED_TYPES[statistic])
+    def _run_rows(self, backend: Backend, resized: torch.Tensor, config: AlertConfig,
+                  class_token: bool = False) -> AlertRows:
+        """One backend call over expand_batch's rows of resized images (guard.alert_kinds.alert_rows)."""
+        return alert_rows(partial(_run_in_pieces, backend), self.preprocess, resized, config, class_token)
+
+    def _alert_kind(self, config: AlertConfig) -> AlertKind:
+        """The alert kind of `config` with what calibration fitted for this model, where it is
+        that kind's (read at every call: a caller may swap fitted_alert between calls)."""
+        return alert_of(config, self.fitted_alert)
 
     def resized(self, inputs, batch_size: int = 64,
                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
@@ -352,8 +350,10 @@ def _check_tower_internals(backend: Backend) -> None:
                          "and embeddings only")
 
 
-def alert_config_of(manifest: dict) -> AlertConfig:
+def alert_config_of(manifest: Manifest | dict) -> AlertConfig:
     """The alert config a manifest or sidecar records; the uncalibrated default when it has none."""
+    if isinstance(manifest, Manifest):
+        return manifest.alert_config
     recorded = manifest.get("alert")
     if recorded is None:
         return AlertConfig()
@@ -364,10 +364,12 @@ def alert_config_of(manifest: dict) -> AlertConfig:
                             "`python -m guard calibrate`") from error
 
 
-def _run_in_pieces(backend: Backend, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """backend.run, in pieces no larger than the backend's maximum batch (compiled files have one)."""
-    if backend.max_batch is None or len(images) <= backend.max_batch:
-        return backend.run(images)
+def _run_in_pieces(backend: Backend, images: torch.Tensor, frozen_rows: int = 0,
+                   class_token: bool = False) -> tuple[torch.Tensor, ...]:
+    """backend.run, in pieces no larger than the backend's maximum batch (compiled files have one;
+    they serve no frozen rows or class tokens, so a call that asks for those is never split)."""
+    if backend.max_batch is None or len(images) <= backend.max_batch or frozen_rows or class_token:
+        return backend.run(images, frozen_rows, class_token)
     pieces = [backend.run(chunk) for chunk in images.split(backend.max_batch)]
     return torch.cat([piece[0] for piece in pieces]), torch.cat([piece[1] for piece in pieces])
 
@@ -411,41 +413,34 @@ def load(path: str | Path, backend: str = "auto", device=None) -> Guard:
 
 def _load_artifact(path: Path, device: torch.device) -> Guard:
     artifact = load_artifact(path)
-    try:
-        preprocess = artifact.preprocess
-    except (KeyError, TypeError, InputError) as error:
-        raise ArtifactError(f"the preprocess entry of {artifact.path}'s manifest is unusable ({error!r})") from error
+    manifest = Manifest.from_document(artifact.manifest, artifact.path / MANIFEST)
     model = fold(build_classifier(artifact, device), fused=None)
     log.info("loaded %s: %d classes, %d folded prompt blocks (%s attention), backend torch on %s", artifact.path,
              len(artifact.classes), model.num_folded_blocks, "fused C++" if model.fused else "standard", device)
     fitted_alert = None
     if artifact.alert_state is not None:
-        statistic = artifact.manifest["alert"]["statistic"]
+        statistic = manifest.alert_config.statistic
         try:
-            fitted_alert = FITTED_TYPES[statistic].from_tensors(artifact.alert_state)
+            fitted_alert = kind_of(statistic).load_fitted(artifact.alert_state)
         except InputError as error:
             raise ArtifactError(f"the fitted {statistic} of {artifact.path} is unusable ({error}); recalibrate it") \
                 from error
-        if isinstance(fitted_alert, torch.nn.Module):  # the detector runs where the model does
+        if isinstance(fitted_alert, torch.nn.Module):  # a fitted network runs where the model does
             fitted_alert.to(device)
-    return Guard(TorchBackend(model, device), preprocess, artifact.classes, artifact.manifest, fitted_alert)
+    return Guard(TorchBackend(model, device), manifest.preprocess, manifest.classes, manifest, fitted_alert)
 
 
 def _load_compiled(path: Path, kind: str, device: torch.device) -> Guard:
-    sidecar = read_sidecar(path, kind)
-    try:
-        preprocess = Preprocess.from_dict(sidecar["preprocess"])
-    except (KeyError, TypeError, InputError) as error:
-        raise ArtifactError(f"the preprocess entry of {path}'s sidecar is unusable ({error!r})") from error
+    manifest = Manifest.from_document(read_sidecar(path, kind), sidecar_path(path))
     if kind == "onnx":
-        if sidecar["onnx"].get("attention") == "custom":
+        if manifest.details().get("attention") == "custom":
             raise ArtifactError(f"{path} has clip_guard::PromptAttention nodes, made for a TensorRT plugin; "
                                 "onnxruntime has no kernel for them: serve the standard export "
                                 "(`python -m export.onnx PURIFIED --out purified.onnx`)")
-        backend = OnnxRuntimeBackend(path, device, sidecar["precision"])
+        backend = OnnxRuntimeBackend(path, device, manifest.precision)
     elif kind == "aoti":
-        backend = AOTIBackend(path, device, sidecar["aoti"])
+        backend = AOTIBackend(path, device, manifest.details())
     else:
-        backend = TensorRTBackend(path, device, sidecar)
-    log.info("loaded %s: %d classes, %s", path, len(sidecar["classes"]), backend.describe())
-    return Guard(backend, preprocess, sidecar["classes"], sidecar)
+        backend = TensorRTBackend(path, device, manifest.document)
+    log.info("loaded %s: %d classes, %s", path, len(manifest.classes), backend.describe())
+    return Guard(backend, manifest.preprocess, manifest.classes, manifest)

@@ -8,11 +8,12 @@ a damaged or swapped file is refused like a damaged artifact.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from . import __version__
-from .alerts import AlertConfig
 from .errors import ArtifactError
+from .manifest import Manifest
 from .sealed import file_records, read_sealed, verify_files, write_sealed
 
 FORMAT = "clip-guard/compiled"
@@ -29,15 +30,18 @@ def sidecar_path(model_path: str | Path) -> Path:
     return model_path.with_name(model_path.name + ".json")
 
 
-def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, source_path: str,
+def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: Manifest | dict, source_path: str,
                   precision: str, details: dict, extra_files: tuple[str, ...] = ()) -> Path:
     """Describe the compiled file at model_path, which must already be written.
 
     source_manifest: the manifest of the purified artifact (or the sidecar of the ONNX
     graph an engine was built from); its classes, preprocessing and base model carry
-    over. extra_files: names of files beside it that it needs (ONNX external data)."""
+    over (checked as a Manifest first). extra_files: names of files beside it that it needs
+    (ONNX external data)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    source = source_manifest if isinstance(source_manifest, Manifest) else \
+        Manifest.from_document(source_manifest, source_path)
     model_path = Path(model_path)
     sidecar = {
         "format": FORMAT,
@@ -49,14 +53,13 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
         "precision": precision,
         "input": INPUT_NAME,
         "outputs": list(OUTPUT_NAMES),
-        "classes": list(source_manifest["classes"]),
-        "preprocess": source_manifest["preprocess"],
-        "base_model": source_manifest["base_model"],
-        "method": source_manifest.get("method"),
-        "metrics": source_manifest.get("metrics", {}),
-        **_inherited_alert(source_manifest, precision),
-        "source": {"path": str(source_path),
-                   "sha256": source_manifest.get("manifest_sha256") or source_manifest.get("sidecar_sha256")},
+        "classes": list(source.classes),
+        "preprocess": source.preprocess.to_dict(),
+        "base_model": source.base_model,
+        "method": source.method,
+        "metrics": source.metrics,
+        **_inherited_alert(source, precision),
+        "source": {"path": str(source_path), "sha256": source.checksum},
         kind: details,
     }
     path = sidecar_path(model_path)
@@ -64,19 +67,19 @@ def write_sidecar(model_path: str | Path, *, kind: str, source_manifest: dict, s
     return path
 
 
-def _inherited_alert(source_manifest: dict, precision: str) -> dict:
+def _inherited_alert(source: Manifest, precision: str) -> dict:
     """The source's alert entries. Its threshold carries over only where the scores do:
     fp32 matches the reference to ~1e-6; fp16 and int8 move them, so those start uncalibrated.
     An alert with the frozen-tower view or a statistic calibration fitted (the feature
     density, the input detector) does not carry over at all (a compiled graph has the prompts
     folded into every row and returns no class token, and its sidecar holds no fitted state):
     the compiled model starts with the uncalibrated default."""
-    alert, calibration = source_manifest.get("alert"), source_manifest.get("alert_calibration")
-    if alert is not None and AlertConfig.from_dict(alert).needs_torch_backend:
+    alert, calibration = source.alert, source.alert_calibration
+    if alert is not None and alert.needs_torch_backend:
         alert, calibration = None, None
     elif alert is not None and precision != "fp32":
-        alert, calibration = {**alert, "threshold": None}, None
-    return {"alert": alert, "alert_calibration": calibration}
+        alert, calibration = dataclasses.replace(alert, threshold=None), None
+    return {"alert": None if alert is None else alert.to_dict(), "alert_calibration": calibration}
 
 
 def read_sidecar(model_path: str | Path, kind: str) -> dict:

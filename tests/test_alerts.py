@@ -148,7 +148,10 @@ def test_config_round_trip():
         again = AlertConfig.from_dict(json.loads(json.dumps(config.to_dict())))
         assert again == config and isinstance(again.perturbations, tuple)
     assert AlertConfig().num_perturbations == 2
-    assert set(spec.partition(":")[0] for spec in ALL_PERTURBATIONS) == set(PERTURBATIONS)
+    # every image perturbation, and the frozen-tower option in its manifest spelling
+    assert set(spec.partition(":")[0] for spec in ALL_PERTURBATIONS) == set(PERTURBATIONS) | {"frozen"}
+    frozen = AlertConfig(ALL_PERTURBATIONS)
+    assert frozen.frozen_tower and "frozen" not in frozen.perturbations and frozen.views == ALL_PERTURBATIONS
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -414,8 +417,11 @@ def test_cli_on_an_image_folder(tiny_artifact, tmp_path):
     assert code == 0
     # the folder's test split holds 20 % of each class's 6 images: 4 in all, fewer than --images
     assert json.loads(out.read_text())["candidates"]["pr_terms[open3,median3]"]["n_clean"] == 4
-    assert detection.main(["--model", str(tiny_artifact.path), "--attack", str(tmp_path), "--data",
-                           str(tmp_path / "data")]) == 2  # no trigger.json there
+    from guard import console
+
+    # no trigger.json there: an artifact error, exit 3 in guard.console's table
+    assert console.run(detection.main, ["--model", str(tiny_artifact.path), "--attack", str(tmp_path), "--data",
+                                        str(tmp_path / "data"), "--no-progress"]) == console.EXIT_MODEL
     with pytest.raises(SystemExit) as exit_info:
         detection.main(["--model", str(tiny_artifact.path), "--attack", str(attack), "--strip", "two"])
     assert exit_info.value.code == 2

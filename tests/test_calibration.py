@@ -59,7 +59,8 @@ def test_the_score_is_guard_alerts_on_the_same_rows_and_the_labels_do_not_change
 def test_alerts_cost_one_backend_call_per_batch(model, monkeypatch):
     rows = []
     original = model._backend.run
-    monkeypatch.setattr(model._backend, "run", lambda images: rows.append(len(images)) or original(images))
+    monkeypatch.setattr(model._backend, "run",  # Backend.run's one signature
+                        lambda images, *args: rows.append(len(images)) or original(images, *args))
     k = model.alert_config.num_perturbations
     model.classify(clean_images(7), batch_size=4)
     assert rows == [4 * (1 + k), 3 * (1 + k)]

@@ -308,13 +308,21 @@ def test_doctor_survives_any_custom_kernel_package(capsys, monkeypatch, kind, wh
 
 # --- exit codes and errors ----------------------------------------------------------------
 
+# guard.console's one table: a missing optional package is a model error (3), an export error 4.
 @pytest.mark.parametrize("error, code", [
-    (InputError("x"), 2), (DataError("x"), 2), (MissingDependencyError("x"), 2), (ClosedError("x"), 2),
-    (ArtifactError("x"), 3), (ChecksumError("x"), 3), (ModelLoadError("x"), 3), (ExportError("x"), 3),
+    (InputError("x"), 2), (DataError("x"), 2), (ClosedError("x"), 2), (MissingDependencyError("x"), 3),
+    (ArtifactError("x"), 3), (ChecksumError("x"), 3), (ModelLoadError("x"), 3), (ExportError("x"), 4),
     (RuntimeError("x"), 1), (KeyError("x"), 1),
 ])
-def test_exit_codes(error, code):
-    assert cli.exit_code(error) == code
+def test_exit_codes(error, code, capsys, monkeypatch):
+    from guard import console
+
+    assert console.exit_code(error) == code
+
+    def raises():
+        raise error
+    monkeypatch.setattr("guard.doctor.report", raises)  # the code reaches the command line
+    assert cli.main(["doctor"]) == code and capsys.readouterr().err.startswith("error: ")
 
 
 def test_an_unexpected_error_is_one_line_and_exit_1(capsys, monkeypatch):
@@ -325,7 +333,7 @@ def test_an_unexpected_error_is_one_line_and_exit_1(capsys, monkeypatch):
     code, out, err = run(capsys, "doctor")
     assert code == 1 and out == ""
     line = one_error_line(err)
-    assert "unexpected RuntimeError: something spanning lines" in line and "-vv" in line
+    assert "unexpected RuntimeError: something spanning lines" in line and "-v shows the traceback" in line
 
 
 def test_a_typed_error_from_any_command_keeps_its_code(capsys, monkeypatch):
@@ -334,7 +342,7 @@ def test_a_typed_error_from_any_command_keeps_its_code(capsys, monkeypatch):
 
     monkeypatch.setattr("guard.doctor.report", refuses)
     code, _, err = run(capsys, "doctor")
-    assert code == 2 and one_error_line(err) == "error: onnxruntime is needed; pip install onnxruntime"
+    assert code == 3 and one_error_line(err) == "error: onnxruntime is needed; pip install onnxruntime"
 
 
 def test_interrupt_exits_130(capsys, monkeypatch):

@@ -199,12 +199,14 @@ def test_cli_calibrates_the_density_on_an_image_folder(artifact_copy, tmp_path, 
 
 def test_builtin_calibration_data_comes_with_its_labels():
     pytest.importorskip("sklearn")
+    from training.calibrate import dataset_images
     from training.data import load_dataset
 
-    images, description, (classes, labels) = cli.calibration_images("digits", "train", 50, 0)
     dataset = load_dataset("digits", "train")
+    images, description, labels = dataset_images("digits", "train", 50, 0, dataset.classes)
     chosen = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:50].tolist())
-    assert classes == tuple(dataset.classes) and len(images) == len(labels) == 50
+    assert len(images) == len(labels) == 50 and "digits train, 50 images chosen with seed 0" == description
+    assert dataset_images("digits", "train", 50, 0, ("other", "classes"))[2] is None  # not the model's classes
     assert labels == dataset.labels[chosen].tolist()
     assert all(torch.equal(image, dataset.images[index]) for image, index in zip(images, chosen))
 

@@ -234,11 +234,12 @@ def test_cli_calibrates_the_detector_on_an_image_folder(artifact_copy, tmp_path,
 def test_the_detector_calibrates_on_twice_the_images_by_default(artifact_copy, monkeypatch, statistic, expected):
     asked = []
 
-    def calibration_images(data, split, limit, seed):
+    def calibration_images(data, limit, seed, classes):
         asked.append(limit)
         raise InputError("stop here")
     monkeypatch.setattr(cli, "calibration_images", calibration_images)
-    args = ["calibrate", str(artifact_copy), "--data", "fashion-mnist"] + (["--statistic", statistic] if statistic else [])
+    args = ["calibrate", str(artifact_copy), "--data", str(artifact_copy)]
+    args += ["--statistic", statistic] if statistic else []
     assert cli.main(args) != 0 and asked == [expected]
     assert cli.main(args + ["--limit", "300"]) != 0 and asked[-1] == 300
 

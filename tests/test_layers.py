@@ -26,10 +26,6 @@ FORBIDDEN = {
     "export": {"training"},
     "cpp_ext": {"guard", "training", "export"},
 }
-# Imports another change on its way removes (guard calibrate reading a built-in data set).
-# Listed by file and module so nothing else slips through; the test below fails once one
-# is gone, so that its entry goes too.
-PENDING = {("guard/cli.py", "training.data")}
 NEVER_IN_SERVING = ("open_clip", "torchvision", "huggingface_hub", "timm", "training", "export")
 
 
@@ -63,14 +59,9 @@ def layer_violations() -> set[tuple[str, str]]:
 
 
 def test_no_package_imports_a_layer_above_it():
-    violations = layer_violations() - PENDING
+    violations = layer_violations()
     assert not violations, "imports across the layers (module docstring): " + ", ".join(
         f"{path} imports {module}" for path, module in sorted(violations))
-
-
-def test_pending_exceptions_still_exist():
-    gone = PENDING - layer_violations()
-    assert not gone, f"no longer imported, remove from PENDING: {sorted(gone)}"
 
 
 def test_the_scan_sees_function_level_and_importlib_imports(tmp_path):

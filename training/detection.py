@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -43,11 +42,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from guard.alerts import (FROZEN_TOWER, AlertConfig, alert_scores, calibrate_threshold, density_alert, density_rows,
-                          expand_batch)
+from guard import console
+from guard.alert_kinds import alert_of, alert_rows
+from guard.alerts import AlertConfig, calibrate_threshold, density_alert, density_rows
 from guard.density import ClassDensity
 from guard.detector import FAMILIES, DetectorConfig, InputDetector, train_detector
-from guard.errors import ClipGuardError, InputError
+from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP
 
@@ -91,13 +91,13 @@ CANDIDATES: tuple[AlertConfig, ...] = (
 # For purified artifacts: how far the prompted model's outputs are from its frozen tower's,
 # where a trigger the purification removed still fires (guard's alert view 'frozen').
 FROZEN_TOWER_SIGNALS = {
-    "disagreement": AlertConfig((FROZEN_TOWER,)),
-    "pr_terms[open3,median3]+frozen tower": AlertConfig(DEFAULT.perturbations + (FROZEN_TOWER,)),
+    "disagreement": AlertConfig((), frozen_tower=True),
+    "pr_terms[open3,median3]+frozen tower": AlertConfig(DEFAULT.perturbations, frozen_tower=True),
 }
 
 
 def config_name(config: AlertConfig) -> str:
-    return f"{config.statistic}[{','.join(p.replace(':', '') for p in config.perturbations)}]"
+    return f"{config.statistic}[{','.join(p.replace(':', '') for p in config.views)}]"
 
 
 def parse_alert(spec: str) -> AlertConfig:
@@ -133,18 +133,26 @@ def detection_metrics(clean: torch.Tensor, triggered: torch.Tensor) -> dict:
 
 # --- scores ----------------------------------------------------------------------------
 
+def _runner(model: Forward):
+    """The model as guard.alert_kinds.alert_rows runs it: a model that serves no frozen tower
+    or class token (a plain forward) is called with the images alone."""
+    def run(images: torch.Tensor, frozen_rows: int, class_token: bool) -> tuple:
+        return model(images, frozen_rows, class_token) if frozen_rows or class_token else model(images)
+    return run
+
+
 def alert_scores_of(forward: Forward, preprocess: Preprocess, images: torch.Tensor, config: AlertConfig,
                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [N], logits [N, C] of the unperturbed images) for resized images [N, 3, S, S],
-    one forward call of N * (1 + K) rows per batch, as serving runs it."""
+    one forward call of N * (1 + K) rows per batch, as serving runs it (the guard's
+    alert_rows and the alert kind's score)."""
     scores, logits = [], []
+    alert = alert_of(config)
     with torch.no_grad():
         for batch in images.split(batch_size):
-            expanded = preprocess.normalize(expand_batch(batch, config))
-            frozen_rows = len(batch) if config.uses_frozen_tower else 0  # the frozen view's rows come last
-            out_logits, embedding = forward(expanded, frozen_rows) if frozen_rows else forward(expanded)
-            scores.append(alert_scores(out_logits, embedding, len(batch), config))
-            logits.append(out_logits[:len(batch)].float())
+            rows = alert_rows(_runner(forward), preprocess, batch, config)
+            scores.append(alert.score(rows))
+            logits.append(rows.logits[:len(batch)].float())
     return torch.cat(scores), torch.cat(logits)
 
 
@@ -168,11 +176,11 @@ def strip_scores(forward: Forward, preprocess: Preprocess, images: torch.Tensor,
 def density_outputs(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the served model's logits [N, C], the class tokens [N, D] the density reads) of resized
-    images, in one forward call as guard serves them; differentiable in the images."""
+    images, in one forward call as guard serves them (Guard.class_tokens); differentiable in
+    the images."""
     config = density_alert(frozen)
-    logits, _, tokens = model(preprocess.normalize(expand_batch(images, config)), len(images) if frozen else 0,
-                              class_token=True)
-    return logits[:len(images)].float(), density_rows(tokens, len(images), config).float()
+    rows = alert_rows(_runner(model), preprocess, images, config, class_token=True)
+    return rows.logits[:len(images)].float(), density_rows(rows.class_token, len(images), config).float()
 
 
 def _batched_density_outputs(model: PromptedCLIP, preprocess: Preprocess, images: torch.Tensor, frozen: bool,
@@ -215,10 +223,11 @@ Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 def alert_objective(model: torch.nn.Module, preprocess: Preprocess, config: AlertConfig) -> Objective:
     """The alert's scores, from one forward call over the image and its perturbed copies (the
     frozen-tower view's rows last, run through the frozen tower)."""
+    alert = alert_of(config)
+
     def objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        expanded = preprocess.normalize(expand_batch(images, config))
-        logits, embedding = model(expanded, len(images)) if config.uses_frozen_tower else model(expanded)
-        return logits[:len(images)], alert_scores(logits, embedding, len(images), config)
+        rows = alert_rows(_runner(model), preprocess, images, config)
+        return rows.logits[:len(images)], alert.score(rows)
     return objective
 
 
@@ -283,7 +292,7 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
                        adaptive_steps: int = 100, adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,),
                        calibration: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                        density_adaptive_weights: Sequence[float] = (), detector: Optional[DetectorConfig] = None,
-                       detector_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
+                       detector_adaptive_weights: Sequence[float] = (), seed: int = 0, progress: bool = False) -> dict:
     """Detection results for uint8 test images [N, C, H, W] with labels [N] on `model`
     (a module returning (logits, embedding)). overlays: uint8 clean held-out images for
     STRIP; attack_images: uint8 images the adaptive attacker trains on (not the test set),
@@ -293,7 +302,8 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
     (weights on the score over its clean 1 % FPR threshold); detector: how the input detector
     trains on the same calibration images (None: not measured), attacked once per weight in
     detector_adaptive_weights (detector_objective).
-    Every candidate's scores are stored under "scores" for plots (clean, triggered lists)."""
+    Every candidate's scores are stored under "scores" for plots (clean, triggered lists);
+    progress: report the candidates measured (guard.console.progress)."""
     model.eval()
     forward: Forward = model
     clean = preprocess.resize(images)
@@ -310,7 +320,7 @@ def evaluate_detection(model: torch.nn.Module, preprocess: Preprocess, images: t
         return entry
 
     clean_scores_of = {}
-    for config in candidates:
+    for config in console.progress(candidates, desc="detection: alerts", enabled=progress):
         name = config_name(config)
         clean_scores, _ = alert_scores_of(forward, preprocess, clean, config)
         trig_scores, trig_logits = alert_scores_of(forward, preprocess, triggered, config)
@@ -462,7 +472,7 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
                   adaptive_weights: Sequence[float] = (), adaptive_steps: int = 100,
                   adaptive_alerts: Sequence[AlertConfig] = (DEFAULT,), density_images: int = 2000,
                   density_adaptive_weights: Sequence[float] = (), detector: Optional[DetectorConfig] = None,
-                  detector_adaptive_weights: Sequence[float] = (), seed: int = 0) -> dict:
+                  detector_adaptive_weights: Sequence[float] = (), seed: int = 0, progress: bool = True) -> dict:
     """evaluate_detection on `images` seeded test images of `data` for a purified artifact or
     CLIP directory `model` and the trigger recorded with `attack`; STRIP overlays and the
     adaptive attacker's images come from one seeded order of the training split, the
@@ -489,7 +499,7 @@ def run_detection(model: str, attack: str | Path, data: str = "fashion-mnist", i
                                 candidates, overlays if strip_counts else None, strip_counts,
                                 train.images[attack_pool], adaptive_weights, adaptive_steps, adaptive_alerts,
                                 (train.images[calibration], train.labels[calibration]) if density_images else None,
-                                density_adaptive_weights, detector, detector_adaptive_weights, seed)
+                                density_adaptive_weights, detector, detector_adaptive_weights, seed, progress)
     result.update(model=str(model), attack=str(attack), data=data, seed=seed)
     return result
 
@@ -507,7 +517,7 @@ def _number_list(kind: type) -> Callable[[str], list]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.detection", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=console.EPILOG)
     parser.add_argument("--model", required=True, help="purified artifact directory or CLIP directory")
     parser.add_argument("--attack", required=True, help="backdoored model directory whose trigger and target to apply")
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
@@ -536,19 +546,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results (scores included) here")
     parser.add_argument("--plot", type=Path, help="write score histograms here (.png)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug messages on stderr")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = run_detection(
-            args.model, args.attack, args.data, args.images, CANDIDATES if args.candidates == "all" else (DEFAULT,),
-            args.strip, args.adaptive_weights, args.adaptive_steps,
-            [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT],
-            args.density_images, args.density_adaptive_weights,
-            DetectorConfig(families=tuple(args.detector_families.split(","))) if args.detector_families else None,
-            args.detector_adaptive_weights, args.seed)
-    except (ClipGuardError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    console.setup_logging(args.verbose)
+    result = run_detection(
+        args.model, args.attack, args.data, args.images, CANDIDATES if args.candidates == "all" else (DEFAULT,),
+        args.strip, args.adaptive_weights, args.adaptive_steps,
+        [parse_alert(spec) for spec in args.adaptive_alert] if args.adaptive_alert else [DEFAULT],
+        args.density_images, args.density_adaptive_weights,
+        DetectorConfig(families=tuple(args.detector_families.split(","))) if args.detector_families else None,
+        args.detector_adaptive_weights, args.seed, progress=not args.no_progress)
     print(f"{args.model} / trigger of {args.attack}: {result['n_clean']} clean, {result['n_triggered']} triggered "
           f"(target {result['target_name']!r} left out), ASR {100 * result['asr']:.1f} %")
     print(format_table(result))
@@ -557,8 +565,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.write_text(json.dumps(result) + "\n")
     if args.plot:
         plot_scores(result, args.plot)
-    return 0
+    return console.EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(console.run(main))

@@ -7,10 +7,12 @@ patch that comes with the attack suite, not here.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from guard import alerts
 
 from .attacks import BadNet, Blended
 
@@ -18,27 +20,13 @@ Perturbation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def gaussian_noise(std: float, seed: int = 0) -> Perturbation:
-    def perturb(images: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-        return (images + std * noise.to(images)).clamp(0.0, 1.0)
-    return perturb
+    """Seeded Gaussian noise, a fresh draw for each image of a batch (guard's gaussian_noise)."""
+    return partial(alerts.gaussian_noise, std=std, seed=seed, per_image=True)
 
 
 def gaussian_blur(kernel_size: int) -> Perturbation:
-    # torchvision's default sigma for a kernel size, reflect padding.
-    sigma = 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
-    offsets = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
-    weights = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    weights = weights / weights.sum()
-
-    def perturb(images: torch.Tensor) -> torch.Tensor:
-        channels = images.shape[1]
-        kernel = weights.to(images)
-        pad = kernel_size // 2
-        out = F.pad(images, (pad, pad, pad, pad), mode="reflect")
-        out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-        return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    return perturb
+    """Separable Gaussian blur with torchvision's default sigma (guard's gaussian_blur)."""
+    return partial(alerts.gaussian_blur, size=kernel_size)
 
 
 def color_jitter(strength: float = 0.4, seed: int = 0) -> Perturbation:
