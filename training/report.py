@@ -206,8 +206,11 @@ def purify_arguments(run: Run, settings: ReportSettings) -> dict:
 
 
 def check_settings(runs: Sequence[Run], settings: ReportSettings) -> None:
-    """Refuse, before anything trains, a --set that reaches no run and a value of the wrong type."""
-    for stage in (stage for stage, _ in settings.stage_settings):
+    """Refuse, before anything trains, a --set of a stage the report trains that reaches
+    none of its runs, and a value of the wrong type. (A stage no run has, such as cbpt in
+    a report without CBPT, is left alone, as a shared --set list may name it.)"""
+    trained = {stage for run in runs for stage in defenses.get(run.method).stages}
+    for stage in (stage for stage, _ in settings.stage_settings if stage in trained):
         for key in settings.stage(stage):
             if not any(prefix + key in defenses.get(run.method).keys()
                        for run in runs for name, prefix in defenses.get(run.method).stages.items() if name == stage):
