@@ -96,7 +96,7 @@ def test_linear_probe_follows_its_seed(tiny_artifact, shots):
 
 def test_linear_probe_artifact_serves_the_head_on_the_unchanged_tower(tiny_model_dir, tmp_path, test_images):
     result = purify(str(tiny_model_dir), "digits", tmp_path / "probe", method="linear-probe", shots=2,
-                    pr_images=0, probe={"epochs": 5, "lr": 0.05})
+                    pr_images=0, settings={"epochs": 5, "lr": 0.05})
     served_logits, memory_logits, manifest = _served_and_memory_logits(result, test_images)
     torch.testing.assert_close(served_logits, memory_logits, atol=1e-4, rtol=1e-4)
     assert manifest["method"]["name"] == "linear-probe" and manifest["visual_prompts"] is None
@@ -213,7 +213,7 @@ def ft_runs(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft")
     settings = {"epochs": 2, "lr": 1e-3, "batch_size": 8}
     return {name: purify(str(tiny_model_dir), "digits", out / name, method=method, shots=2, pr_images=0,
-                         ft={**settings, **extra})
+                         settings={**settings, **extra})
             for name, method, extra in [("ft", "ft", {}), ("cleanclip", "cleanclip", {}),
                                         ("cleanclip-0", "cleanclip", {"self_supervised_weight": 0.0})]}
 
@@ -260,7 +260,7 @@ def test_no_defense_serves_the_zero_shot_model(tiny_model_dir, tmp_path, test_im
 
 def test_vpt_is_rvpt_with_alpha_zero(tiny_model_dir, tmp_path, test_images):
     result = purify(str(tiny_model_dir), "digits", tmp_path / "vpt", method="vpt", shots=2, pr_images=0,
-                    epochs=1, num_tokens=2, start_block=2, alpha=0.0)
+                    settings={"epochs": 1, "num_tokens": 2, "start_block": 2})
     served_logits, memory_logits, manifest = _served_and_memory_logits(result, test_images)
     torch.testing.assert_close(served_logits, memory_logits, atol=1e-4, rtol=1e-4)
     recorded = manifest["method"]["hyperparameters"]
@@ -273,16 +273,21 @@ def test_vpt_is_rvpt_with_alpha_zero(tiny_model_dir, tmp_path, test_images):
 
 
 @pytest.mark.parametrize("method, options, match", [
-    ("vpt", {"alpha": 2.0}, "alpha 0"),
-    ("linear-probe", {"epochs": 3}, "RVPT settings"),
-    ("none", {"lr": 0.1}, "RVPT settings"),
-    ("ft", {"probe": {"epochs": 3}}, "linear-probe settings"),
-    ("linear-probe", {"ft": {"lr": 1e-3}}, "FT settings"),
-    ("vpt", {"ft": {"self_supervised_weight": 1.0}}, "FT settings"),
-    ("none", {"cbpt": {"rho": 0.1}}, "no CBPT stage"),
-    ("ft", {"ft": {"self_supervised_weight": 1.0}}, "cleanclip"),
-    ("ft", {"ft": {"lr": 0.0}}, "lr"),
-    ("linear-probe", {"probe": {"momentum": 2.0}}, "momentum"),
+    ("vpt", {"settings": {"alpha": 2.0}}, "'alpha' is not a setting of vpt; it is a setting of rvpt, unlearn"),
+    ("linear-probe", {"settings": {"alpha": 2.0}}, "'alpha' is not a setting of linear-probe"),
+    ("none", {"settings": {"lr": 0.1}}, "'lr' is not a setting of none"),
+    ("ft", {"settings": {"init_std": 0.1}}, "it is a setting of linear-probe: use --method linear-probe"),
+    ("linear-probe", {"settings": {"warmup_fraction": 0.2}}, "it is a setting of ft, cleanclip"),
+    ("vpt", {"settings": {"self_supervised_weight": 1.0}}, "--method cleanclip"),
+    ("none", {"settings": {"rho": 0.1}}, "it is a setting of cbpt"),
+    ("ft", {"settings": {"self_supervised_weight": 1.0}}, "cleanclip"),
+    ("ft", {"settings": {"lr": 0.0}}, "lr"),
+    ("linear-probe", {"settings": {"momentum": 2.0}}, "momentum"),
+    ("linear-probe", {"settings": {"epochs": "3"}}, "linear-probe setting 'epochs' must be int, got '3'"),
+    ("linear-probe", {"settings": {"epochs": 2.5}}, "must be int"),
+    ("rvpt", {"settings": {"seed": 1}}, "--seed"),
+    ("rvpt", {"settings": {"unlearn_weight": 1.0}}, "--method unlearn"),
+    ("magic", {}, "unknown method 'magic'"),
     ("none", {"test_limit": 0}, "test_limit"),
     ("none", {"test_limit": True}, "test_limit"),
     ("none", {"before": {"ca": 1.0}}, "Evaluation"),
@@ -294,11 +299,11 @@ def test_bad_and_stray_options_are_input_errors_before_anything_loads(tmp_path, 
 
 def test_stray_options_on_the_command_line_exit_2(tmp_path, capsys):
     base = ["--model", "no-such-model", "--data", "digits", "--out", str(tmp_path / "out"), "--no-progress"]
-    assert main(["--method", "vpt", "--alpha", "2", *base]) == 2
+    assert main(["--method", "vpt", "--set", "alpha=2", *base]) == 2
     assert "alpha" in capsys.readouterr().err
-    assert main(["--method", "ft", "--probe-epochs", "3", *base]) == 2
-    assert main(["--method", "linear-probe", "--ss-weight", "1", *base]) == 2
-    assert main(["--method", "none", "--test-limit", "0", *base]) == 2
+    assert main(["--method", "ft", "--set", "init_std=0.1", *base]) == 2
+    assert main(["--method", "linear-probe", "--set", "self_supervised_weight=1", *base]) == 2
+    assert main(["--method", "none", "--set", "test_limit=0", *base]) == 2
 
 
 def test_before_is_reused_and_test_limit_evaluates_that_many_images(tiny_model_dir, tmp_path, monkeypatch):
@@ -309,7 +314,7 @@ def test_before_is_reused_and_test_limit_evaluates_that_many_images(tiny_model_d
     evaluate = purify_module.evaluate
     monkeypatch.setattr(purify_module, "evaluate", lambda *args, **kwargs: calls.append(1) or evaluate(*args, **kwargs))
     second = purify(str(tiny_model_dir), "digits", tmp_path / "probe", method="linear-probe", shots=2,
-                    pr_images=5, test_limit=50, before=first.before, probe={"epochs": 2})
+                    pr_images=5, test_limit=50, before=first.before, settings={"epochs": 2})
     assert second.before is first.before and len(calls) == 1  # only the "after" evaluation ran
     assert second.after.num_images == 50
     manifest = load_artifact(second.out).manifest
@@ -322,8 +327,8 @@ def test_before_is_reused_and_test_limit_evaluates_that_many_images(tiny_model_d
 def test_command_line_runs_a_baseline_with_a_test_limit(tiny_model_dir, tmp_path):
     out, report = tmp_path / "probe", tmp_path / "probe.json"
     assert main(["--method", "linear-probe", "--model", str(tiny_model_dir), "--data", "digits", "--shots", "2",
-                 "--out", str(out), "--pr-images", "0", "--test-limit", "30", "--probe-epochs", "3",
-                 "--probe-lr", "0.05", "--json", str(report), "--no-progress"]) == 0
+                 "--out", str(out), "--set", "pr_images=0", "--set", "test_limit=30", "--set", "epochs=3",
+                 "--set", "lr=0.05", "--json", str(report), "--no-progress"]) == 0
     summary = json.loads(report.read_text())
     assert summary["before"]["num_images"] == summary["after"]["num_images"] == 30
     recorded = load_artifact(out).manifest["method"]["hyperparameters"]["linear_probe"]
@@ -333,6 +338,6 @@ def test_command_line_runs_a_baseline_with_a_test_limit(tiny_model_dir, tmp_path
 def test_the_probe_classifier_holds_the_normalised_head(tiny_model_dir, tmp_path):
     """The stored head is W itself; the classifier holds normalize(W) (PromptedCLIP's rule)."""
     result = purify(str(tiny_model_dir), "digits", tmp_path / "probe", method="linear-probe", shots=2,
-                    pr_images=0, probe={"epochs": 1})
+                    pr_images=0, settings={"epochs": 1})
     stored = load_artifact(result.out).text_features
     torch.testing.assert_close(result.classifier.text_features, F.normalize(stored, dim=-1))

@@ -202,14 +202,16 @@ def test_unknown_settings_and_stray_method_options_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="unknown CBPT settings"):
         CBPTConfig.with_overrides(alpha=2.0)
     # all raised before any model or data is loaded
-    with pytest.raises(InputError, match="RVPT settings"):
-        purify("no-such-model", "digits", tmp_path / "out", method="cbpt", epochs=3)
-    with pytest.raises(InputError, match="no CBPT stage"):
-        purify("no-such-model", "digits", tmp_path / "out", method="rvpt", cbpt={"rho": 0.1})
+    with pytest.raises(InputError, match="'num_tokens' is not a setting of cbpt; it is a setting of"):
+        purify("no-such-model", "digits", tmp_path / "out", method="cbpt", settings={"num_tokens": 3})
+    with pytest.raises(InputError, match="'rho' is not a setting of rvpt; it is a setting of cbpt"):
+        purify("no-such-model", "digits", tmp_path / "out", method="rvpt", settings={"rho": 0.1})
+    with pytest.raises(InputError, match="did you mean rvpt.epochs or cbpt.epochs"):
+        purify("no-such-model", "digits", tmp_path / "out", method="rvpt+cbpt", settings={"epochs": 3})
     with pytest.raises(InputError, match="schedule"):
-        purify("no-such-model", "digits", tmp_path / "out", method="rvpt+cbpt", schedule="both")
+        purify("no-such-model", "digits", tmp_path / "out", method="rvpt+cbpt", settings={"schedule": "both"})
     with pytest.raises(InputError, match="positive"):
-        purify("no-such-model", "digits", tmp_path / "out", method="cbpt", cbpt={"positive": "nearest"})
+        purify("no-such-model", "digits", tmp_path / "out", method="cbpt", settings={"positive": "nearest"})
 
 
 # --------------------------------------------------------------------------- purify and serving
@@ -221,13 +223,14 @@ def tiny_model_dir(tiny_artifact, tmp_path_factory):
     return save_clip(tiny_artifact.clip, cfg, tiny_artifact.preprocess, tmp_path_factory.mktemp("clip") / "tiny")
 
 
-@pytest.mark.parametrize("method, schedule", [("cbpt", "sequential"), ("rvpt+cbpt", "sequential"),
+@pytest.mark.parametrize("method, schedule", [("cbpt", None), ("rvpt+cbpt", "sequential"),
                                               ("rvpt+cbpt", "joint")])
 def test_purified_artifact_serves_the_learned_class_embeddings(tiny_model_dir, tmp_path, method, schedule):
     cbpt = {"epochs": 2, "warmup_epochs": 1, "lr": 0.5, "inversion_steps": 2, "rho": 0.3}
-    rvpt = {"epochs": 1, "num_tokens": 2, "start_block": 2} if method != "cbpt" else {}
+    rvpt = {"epochs": 1, "num_tokens": 2, "start_block": 2}
+    settings = cbpt if method == "cbpt" else {"schedule": schedule, "rvpt": rvpt, "cbpt": cbpt}
     result = purify(str(tiny_model_dir), "digits", tmp_path / "purified", method=method, shots=2,
-                    pr_images=0, cbpt=cbpt, schedule=schedule, **rvpt)
+                    pr_images=0, settings=settings)
     images = load_dataset("digits", "test").images[:24]
     with guard.load(result.out, device="cpu") as served:
         assert served.manifest["method"]["name"] == method

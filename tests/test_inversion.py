@@ -1,6 +1,8 @@
 """training.inversion (Neural-Cleanse-style trigger inversion on the shots) and RVPT's
 unlearning extension, on the tiny random CLIP of conftest.py; the real backdoor case is
 in tests/test_pipeline.py."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,22 +192,23 @@ def test_bad_refresh_settings_are_input_errors(tiny_artifact, shots, overrides, 
 
 
 @pytest.mark.parametrize("extension", ["unlearn_weight", "distill_weight", "distill_mixup"])
-def test_extensions_are_refused_for_the_joint_schedule_before_anything_loads(tmp_path, extension):
+@pytest.mark.parametrize("method", ["rvpt", "vpt", "rvpt+cbpt"])
+def test_extensions_are_the_unlearn_methods_and_refused_elsewhere_before_anything_loads(tmp_path, extension,
+                                                                                         method):
     from training.purify import purify
 
-    with pytest.raises(InputError, match=f"{extension} is supported .* not the joint"):
-        purify("no-such-model", "digits", tmp_path / "out", method="rvpt+cbpt", schedule="joint",
-               **{extension: 1.0})
+    with pytest.raises(InputError, match=f"'{extension}' is not a setting of {re.escape(method)}; it is a setting "
+                                         "of unlearn: use --method unlearn"):
+        purify("no-such-model", "digits", tmp_path / "out", method=method, settings={extension: 1.0})
 
 
 def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
     from training import purify as purify_cli
 
-    code = purify_cli.main(["--method", "vpt", "--model", str(tmp_path / "no-such-model"), "--data", "digits",
-                            "--out", str(tmp_path / "out"), "--unlearn-weight", "1", "--unlearn-steps", "5",
-                            "--unlearn-mask-weight", "0.1", "--unlearn-refresh", "2",
-                            "--unlearn-refresh-steps", "5", "--unlearn-refresh-stop", "0.7",
-                            "--unlearn-targets", "frozen", "--distill-weight", "4", "--distill-temperature", "2",
-                            "--distill-mixup", "8"])
+    settings = ["unlearn_weight=1", "unlearn_steps=5", "unlearn_mask_weight=0.1", "unlearn_refresh=2",
+                "unlearn_refresh_steps=5", "unlearn_refresh_stop=0.7", "unlearn_targets=frozen", "distill_weight=4",
+                "distill_temperature=2", "distill_mixup=8"]
+    code = purify_cli.main(["--method", "unlearn", "--model", str(tmp_path / "no-such-model"), "--data", "digits",
+                            "--out", str(tmp_path / "out"), *(item for setting in settings for item in ("--set", setting))])
     error = capsys.readouterr().err
-    assert code == 2 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model
+    assert code == 3 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model

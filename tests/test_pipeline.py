@@ -25,7 +25,7 @@ def purified(zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("purified") / "rvpt"
     metrics = out.parent / "metrics.json"
     code = purify_cli.main(["--model", str(zoo["badnet"]), "--data", "fashion-mnist", "--shots", "16",
-                            "--out", str(out), "--json", str(metrics), "--pr-images", "1000", "--no-progress"])
+                            "--out", str(out), "--json", str(metrics), "--set", "pr_images=1000", "--no-progress"])
     assert code == 0
     return out, json.loads(metrics.read_text())
 
@@ -125,10 +125,13 @@ def test_evaluate_reports_the_floor_and_the_excess_over_a_never_poisoned_referen
                               str(zoo["clean"]), "--pr-images", "0", "--no-progress"]) == 2  # no trigger: no floor
 
 
-def test_command_line_errors_exit_2(tmp_path, capsys):
-    assert purify_cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+def test_command_line_errors_exit_2_and_an_unusable_model_3(tmp_path, capsys):
+    assert purify_cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 3
     assert "error:" in capsys.readouterr().err
-    assert evaluate_cli.main(["--model", str(tmp_path / "missing"), "--data", "digits"]) == 2
+    assert purify_cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"),
+                            "--set", "alpha=high"]) == 2
+    assert "must be float" in capsys.readouterr().err
+    assert evaluate_cli.main(["--model", str(tmp_path / "missing"), "--data", "digits"]) == 3
 
 
 def test_compiled_backends_agree_with_torch_on_the_reference_test_set(purified, tmp_path):
@@ -153,10 +156,10 @@ def test_trigger_inversion_finds_the_real_target_and_unlearning_removes_most_of_
     160 clean shots alone, singles out the target; prompts that unlearn its trigger cut the
     ASR (the full-length figures are in docs/reference-benchmark.md)."""
     metrics = tmp_path / "metrics.json"
-    code = purify_cli.main(["--method", "vpt", "--model", str(zoo["badnet"]), "--data", "fashion-mnist",
-                            "--out", str(tmp_path / "unlearned"), "--json", str(metrics), "--unlearn-weight", "1",
-                            "--unlearn-steps", "100", "--lr", "0.02", "--epochs", "20", "--test-limit", "1000",
-                            "--pr-images", "0", "--no-progress"])
+    code = purify_cli.main(["--preset", "unlearn", "--model", str(zoo["badnet"]), "--data", "fashion-mnist",
+                            "--out", str(tmp_path / "unlearned"), "--json", str(metrics), "--set", "unlearn_steps=100",
+                            "--set", "epochs=20", "--set", "test_limit=1000", "--set", "pr_images=0",
+                            "--no-progress"])
     assert code == 0
     result = json.loads(metrics.read_text())
     inversion = result["inversion"]

@@ -60,9 +60,11 @@ def test_sweep_points_at_the_reports_own_setting_are_the_main_runs(tmp_path):
     assert make_run("badnet", "rvpt", moved, alpha=4.0).name == "rvpt"
     assert make_run("badnet", "rvpt", moved, alpha=2.0).name == "rvpt-alpha=2.0"
     # ... and never reaches VPT, whose alpha is 0 by definition
-    assert "alpha" not in purify_arguments(make_run("badnet", "vpt", moved), moved)
+    assert "alpha" not in purify_arguments(make_run("badnet", "vpt", moved), moved)["settings"]
     assert purify_arguments(make_run("badnet", "rvpt", moved, shots=1), moved) == {
-        "method": "rvpt", "shots": 1, "seed": 0, "pr_images": 20, "test_limit": 60, "alpha": 4}
+        "method": "rvpt", "shots": 1, "seed": 0, "pr_images": 20, "test_limit": 60, "settings": {"alpha": 4}}
+    # a stage's settings reach rvpt+cbpt's stage of that name
+    assert purify_arguments(make_run("badnet", "rvpt+cbpt", moved), moved)["settings"] == {"rvpt.alpha": 4}
 
 
 def test_report_tables_agree_with_the_runs_and_a_rerun_reuses_them(zoo, tmp_path):
@@ -140,8 +142,10 @@ def test_parallel_runs_give_the_same_figures(zoo, tmp_path):
     (["--jobs", "0"], "jobs"),
     (["--detection-images", "0"], "detection_images"),
     (["--adaptive-steps", "0"], "adaptive_steps"),
-    (["--defenses", "none,rvpt+cbpt", "--set", "rvpt.unlearn_weight=1"], "joint schedule"),
+    (["--defenses", "none,rvpt+cbpt", "--set", "rvpt.unlearn_weight=1"],
+     "rvpt.unlearn_weight does not apply to any defense of the report (none, rvpt+cbpt); it is a setting of unlearn"),
     (["--defenses", "none,rvpt+cbpt", "--set", "rvpt.distill_weight=1"], "rvpt.distill_weight does not apply"),
+    (["--defenses", "none,rvpt", "--set", "rvpt.epochs=many"], "rvpt setting 'epochs' must be int"),
     (["--adaptive-weight", "-1"], "adaptive_weight"),
     (["--defenses", "none,cbpt", "--detection", "rvpt"], "detection on ['rvpt']"),
 ])

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
+from guard import console
 from guard import load
 from guard.calibration import calibrate
-from guard.errors import ClipGuardError, ExportError
+from guard.errors import ExportError
 
 from .attacks import load_trigger
 from .data import load_dataset
@@ -33,24 +34,26 @@ from .purify import purify
 from .zoo import build_zoo
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns its exit code (guard.console's table: 2 bad input, 3 unusable model)."""
+    return console.run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     epilog=console.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, default=Path("zoo"), help="reference model directory (cached)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where artifacts and the summary go")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console.setup_logging()
     progress = not args.no_progress
-    try:
-        zoo = build_zoo(args.zoo, progress=progress)
-        rvpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "rvpt", progress=progress)
-        vpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "vpt", alpha=0.0, progress=progress)
-        compiled = _compile(args.runs / "rvpt", args.runs / "rvpt.onnx")
-        calibration = _calibrate(compiled)
-    except ClipGuardError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    zoo = build_zoo(args.zoo, progress=progress)
+    rvpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "rvpt", method="rvpt", progress=progress)
+    vpt = purify(str(zoo["badnet"]), "fashion-mnist", args.runs / "vpt", method="vpt", progress=progress)
+    compiled = _compile(args.runs / "rvpt", args.runs / "rvpt.onnx")
+    calibration = _calibrate(compiled)
     rows = {"backdoored": rvpt.before, "RVPT (alpha 2)": rvpt.after, "VPT (alpha 0)": vpt.after}
     print("\nFashion-MNIST test set, BadNet-backdoored reference CLIP, 16 shots per class\n")
     print(format_summary(rows))

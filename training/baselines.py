@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from guard import console
 from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder
@@ -159,7 +159,7 @@ def train_linear_probe(encoder: PromptedVisionEncoder, logit_scale: float, prepr
     optimizer = torch.optim.SGD([weights], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     history = []
-    for epoch in tqdm(range(config.epochs), desc="linear probe", disable=not progress):
+    for epoch in console.progress(range(config.epochs), desc="linear probe", enabled=progress):
         order = torch.randperm(len(shots), generator=generator).to(device)
         totals = {"loss": 0.0, "accuracy": 0.0}
         for start in range(0, len(shots), config.batch_size):

@@ -53,8 +53,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from guard import console
 from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder, VisualPrompts
@@ -289,7 +289,7 @@ def _train(encoder, text_encoder, tokenizer, classes, logit_scale, preprocess, s
     labels_all = shots.labels.to(device)
     shot_features = None
     history = []
-    for epoch in tqdm(range(epochs), desc="RVPT+CBPT" if joint else "CBPT", disable=not progress):
+    for epoch in console.progress(range(epochs), desc="RVPT+CBPT" if joint else "CBPT", enabled=progress):
         warmup = epoch < config.warmup_epochs
         if shot_features is None or joint:  # a frozen tower needs them once; prompts in training, per epoch
             with torch.no_grad():

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from guard import console
 from guard.preprocess import Preprocess
 
 from .data import ImageDataset
@@ -151,7 +151,7 @@ def train_contrastive(clip: torch.nn.Module, tokenizer, preprocess: Preprocess, 
     clip.train()
     losses = []
     order = torch.randperm(len(pairs), generator=generator)
-    for step in tqdm(range(total_steps), desc=description, disable=not progress):
+    for step in console.progress(range(total_steps), desc=description, enabled=progress):
         offset = (step % steps_per_epoch) * config.batch_size
         if step > 0 and offset == 0:
             order = torch.randperm(len(pairs), generator=generator)

@@ -22,10 +22,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from guard import console
 from guard.artifact import MANIFEST, load_artifact, read_manifest
-from guard.errors import ClipGuardError, InputError
+from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder
 from .text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
@@ -131,7 +131,7 @@ def evaluate(model: PromptedCLIP, preprocess: Preprocess, dataset: ImageDataset,
         images = dataset.images[subset]
         clean = model_outputs(model, preprocess, images)
         perturbations = standard_perturbations(preprocess.image_size, seed)
-        for name, perturb in tqdm(perturbations.items(), desc="PR", disable=not progress):
+        for name, perturb in console.progress(perturbations.items(), desc="PR", enabled=progress):
             pr[name] = perturbation_resistivity(clean, model_outputs(model, preprocess, images, perturb))
     return Evaluation(ca, asr, asr_all, pr, len(dataset), pr_count,
                       None if backdoor is None else backdoor.target,
@@ -193,7 +193,13 @@ def _percent(value: Optional[float]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns its exit code (guard.console's table: 2 bad input, 3 unusable model)."""
+    return console.run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     epilog=console.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="purified artifact directory or CLIP spec")
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, scenes, digits or an ImageFolder path")
@@ -208,24 +214,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     add_trigger_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        dataset = load_dataset(args.data, "test", image_size=args.image_size or _model_image_size(args.model))
-        model, preprocess = load_classifier(args.model, dataset.classes, tuple(args.template or DEFAULT_TEMPLATES))
-        backdoor = _backdoor(args, dataset.classes, preprocess.image_size)
-        reference = None
-        if args.reference:
-            if backdoor is None:
-                raise InputError("--reference measures the floor of a trigger: give --attack DIR or a trigger too")
-            reference, reference_preprocess = load_classifier(args.reference, dataset.classes,
-                                                              tuple(args.template or DEFAULT_TEMPLATES))
-            if reference_preprocess != preprocess:
-                raise InputError(f"--reference {args.reference} preprocesses images differently from --model")
-        result = evaluate(model, preprocess, dataset, backdoor, args.pr_images, args.seed,
-                          progress=not args.no_progress, reference=reference)
-    except ClipGuardError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    console.setup_logging()
+    dataset = load_dataset(args.data, "test", image_size=args.image_size or _model_image_size(args.model))
+    model, preprocess = load_classifier(args.model, dataset.classes, tuple(args.template or DEFAULT_TEMPLATES))
+    backdoor = _backdoor(args, dataset.classes, preprocess.image_size)
+    reference = None
+    if args.reference:
+        if backdoor is None:
+            raise InputError("--reference measures the floor of a trigger: give --attack DIR or a trigger too")
+        reference, reference_preprocess = load_classifier(args.reference, dataset.classes,
+                                                          tuple(args.template or DEFAULT_TEMPLATES))
+        if reference_preprocess != preprocess:
+            raise InputError(f"--reference {args.reference} preprocesses images differently from --model")
+    result = evaluate(model, preprocess, dataset, backdoor, args.pr_images, args.seed,
+                      progress=not args.no_progress, reference=reference)
     print(format_summary({Path(args.model).name or args.model: result}))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from guard import console
 from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedVisionEncoder, VisualPrompts, class_logits
@@ -128,7 +128,7 @@ def _optimise_triggers(encoder: PromptedVisionEncoder, prompts: Optional[VisualP
         return class_logits(encoder(preprocess.normalize(stamped), prompts).embedding, text, logit_scale), mask
 
     encoder.eval()
-    for _ in tqdm(range(steps), desc="trigger inversion", disable=not progress):
+    for _ in console.progress(range(steps), desc="trigger inversion", enabled=progress):
         logits, mask = stamped_logits()
         # per trigger: mean CE over its rows, plus its mask's L1 norm
         per_row = F.cross_entropy(logits, row_class, reduction="none")

@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from guard.errors import ClipGuardError, InputError
+from guard import console
+from guard.errors import InputError
 from .models import LoadedCLIP, load_clip, save_clip
 
 from .attacks import (ATTACKS, SUITE, BadCLIP, Trigger, add_trigger_arguments, custom_trigger, load_trigger,
@@ -209,7 +210,13 @@ def poison(model: str | LoadedCLIP, data: str, trigger: Trigger, target: int, ou
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns its exit code (guard.console's table: 2 bad input, 3 unusable model)."""
+    return console.run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.poison", description=__doc__,
+                                     epilog=console.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="clean CLIP to poison (directory, checkpoint or NAME:TAG)")
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, scenes, digits or an ImageFolder path")
@@ -236,12 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = _run(args)
-    except ClipGuardError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    console.setup_logging()
+    result = _run(args)
     line = f"{result.attack} -> {result.directory}: {result.poisoned_pairs} pairs poisoned, {result.seconds:.0f} s"
     if result.evaluation is not None:
         evaluation = result.evaluation

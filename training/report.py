@@ -25,7 +25,9 @@ STRIP, and the adaptive attacker against the default alert: AUROC and TPR at 1 %
 
 A run whose result.json records the same settings is reused, so an interrupted report
 resumes where it stopped (--force retrains). --jobs N trains N runs at once, each in
-its own process with one torch thread. Exit codes: 0 done, 2 bad input or model.
+its own process with one torch thread. The defenses are training/defenses/'s registry:
+the rows are those it marks for the report, and a registered defense can be named in
+--defenses.
 """
 from __future__ import annotations
 
@@ -35,31 +37,29 @@ import logging
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from guard.errors import ClipGuardError, InputError
+from guard import console
+from guard.errors import InputError
 from guard.hashing import sha256_file
 
 from .attacks import TRIGGER_JSON, load_trigger
-from .cbpt import CBPTConfig
 from .detection import DEFAULT as DEFAULT_ALERT
 from .detection import run_detection
 from .evaluate import Evaluation
-from .purify import METHODS, purify
-from .rvpt import EXTENSION_SETTINGS, RVPTConfig
+from . import defenses
+from .configs import parse_assignments
+from .purify import purify
 
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"  # the zoo's reference model, evaluated without defense
 UNDEFENDED = "none"
-DEFENSES = ("none", "linear-probe", "vpt", "ft", "cleanclip", "rvpt", "cbpt", "rvpt+cbpt")
-BASELINES = ("none", "linear-probe", "vpt", "ft", "cleanclip")  # what RVPT is compared against
 SWEEP_SHOTS = (1, 2, 4, 8, 16)
 SWEEP_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0)
 CBPT_POSITIVES = ("farthest", "closest", "random")
@@ -68,14 +68,13 @@ RESULT_JSON = "result.json"
 DETECTION_JSON = "detection.json"
 ARTIFACT = "artifact"
 STRIP_OVERLAYS = 8  # the reference detector, given 4x the default alert's 2 extra passes
-# --set STAGE.OPTION=VALUE: the stages each method runs, so a setting reaches every
-# method that has that stage (rvpt.epochs also sets the RVPT stage of rvpt+cbpt).
-METHOD_STAGES = {"none": (), "vpt": ("rvpt",), "rvpt": ("rvpt",), "cbpt": ("cbpt",),
-                 "rvpt+cbpt": ("rvpt", "cbpt"), "linear-probe": ("probe",), "ft": ("ft",), "cleanclip": ("ft",)}
-STAGES = ("rvpt", "cbpt", "probe", "ft")
-# Settings a method fixes itself (VPT is RVPT with alpha 0, FT is CleanCLIP without the
-# self-supervised loss): a --set of them reaches only the other methods of the stage.
-FIXED_BY_METHOD = {"vpt": ("alpha",), "ft": ("self_supervised_weight",)}
+
+
+def stages() -> tuple[str, ...]:
+    """--set STAGE.OPTION=VALUE's stages: those of the registered defenses (Defense.stages),
+    so a setting reaches every method with that stage (rvpt.epochs also sets rvpt+cbpt's
+    RVPT stage), unless the method fixes it (vpt's alpha, ft's self-supervised weight)."""
+    return tuple(dict.fromkeys(stage for defense in defenses.REGISTRY.values() for stage in defense.stages))
 
 
 @dataclass(frozen=True)
@@ -137,9 +136,9 @@ def make_run(model: str, method: str, settings: ReportSettings, **options) -> Ru
     num_context); an option equal to the report's own setting is dropped, so a sweep
     point at the report's setting is the main run itself."""
     defaults = {"shots": settings.shots,
-                "alpha": settings.stage("rvpt").get("alpha", _default(RVPTConfig, "alpha")),
-                "positive": settings.stage("cbpt").get("positive", _default(CBPTConfig, "positive")),
-                "num_context": settings.stage("cbpt").get("num_context", _default(CBPTConfig, "num_context"))}
+                "alpha": settings.stage("rvpt").get("alpha", _default("rvpt", "alpha")),
+                "positive": settings.stage("cbpt").get("positive", _default("cbpt", "positive")),
+                "num_context": settings.stage("cbpt").get("num_context", _default("cbpt", "num_context"))}
     return Run(model, method, tuple(sorted((key, value) for key, value in options.items() if value != defaults[key])))
 
 
@@ -148,7 +147,7 @@ class ReportPlan:
     """Which models, defenses, sweeps and ablations the report covers."""
     attacks: tuple[str, ...]
     clean: Optional[str]
-    defenses: tuple[str, ...] = DEFENSES
+    defenses: tuple[str, ...] = field(default_factory=lambda: defenses.names("report"))
     sweep_attacks: tuple[str, ...] = ()
     sweep_shots: tuple[int, ...] = SWEEP_SHOTS
     sweep_alphas: tuple[float, ...] = SWEEP_ALPHAS
@@ -157,9 +156,9 @@ class ReportPlan:
     detection: tuple[str, ...] = ()  # rows whose models get the trigger-alert evaluation
 
     def __post_init__(self):
-        unknown = [name for name in self.defenses if name not in METHODS]
+        unknown = [name for name in self.defenses if name not in defenses.REGISTRY]
         if unknown:
-            raise InputError(f"unknown defense(s) {unknown}; available: {', '.join(METHODS)}")
+            raise InputError(f"unknown defense(s) {unknown}; available: {', '.join(defenses.names())}")
         strays = sorted(set(self.sweep_attacks + self.ablation_attacks) - set(self.attacks))
         if strays:
             raise InputError(f"sweep or ablation attack(s) {strays} are not among the report's attacks "
@@ -193,18 +192,37 @@ class ReportPlan:
 def purify_arguments(run: Run, settings: ReportSettings) -> dict:
     """The keyword arguments of `training.purify.purify` for a run (model and out aside)."""
     options = dict(run.options)
-    arguments = {"method": run.method, "shots": options.pop("shots", settings.shots), "seed": settings.seed,
-                 "pr_images": settings.pr_images, "test_limit": settings.test_limit}
-    stages = {stage: {key: value for key, value in settings.stage(stage).items()
-                      if key not in FIXED_BY_METHOD.get(run.method, ())} for stage in METHOD_STAGES[run.method]}
-    for key, value in options.items():  # a sweep option belongs to the method's one stage
-        stages[METHOD_STAGES[run.method][-1]][key] = value
-    for stage, values in stages.items():
-        if stage == "rvpt":
-            arguments.update(values)  # RVPT's settings are purify's own keyword arguments
-        elif values:
-            arguments[stage] = values
-    return arguments
+    defense = defenses.get(run.method)
+    keys = set(defense.keys())
+    chosen = {}
+    for stage, prefix in defense.stages.items():
+        chosen.update({prefix + key: value for key, value in settings.stage(stage).items()
+                       if prefix + key in keys})  # not what the method fixes (vpt's alpha)
+    shots = options.pop("shots", settings.shots)
+    for key, value in options.items():  # a sweep option belongs to the method's last stage
+        chosen[list(defense.stages.values())[-1] + key] = value
+    return {"method": run.method, "shots": shots, "seed": settings.seed, "pr_images": settings.pr_images,
+            "test_limit": settings.test_limit, "settings": chosen}
+
+
+def check_settings(runs: Sequence[Run], settings: ReportSettings) -> None:
+    """Refuse, before anything trains, a --set of a stage the report trains that reaches
+    none of its runs, and a value of the wrong type. (A stage no run has, such as cbpt in
+    a report without CBPT, is left alone, as a shared --set list may name it.)"""
+    trained = {stage for run in runs for stage in defenses.get(run.method).stages}
+    for stage in (stage for stage, _ in settings.stage_settings if stage in trained):
+        for key in settings.stage(stage):
+            if not any(prefix + key in defenses.get(run.method).keys()
+                       for run in runs for name, prefix in defenses.get(run.method).stages.items() if name == stage):
+                owners = [name for name, defense in defenses.REGISTRY.items()
+                          if any(prefix + key in defense.keys() for name_, prefix in defense.stages.items()
+                                 if name_ == stage)]
+                raise InputError(f"{stage}.{key} does not apply to any defense of the report "
+                                 f"({', '.join(dict.fromkeys(run.method for run in runs))})"
+                                 + (f"; it is a setting of {', '.join(owners)}" if owners else
+                                    f"; {stage} settings: see python -m training.purify --help-method"))
+    for run in runs:
+        defenses.settings_of(run.method, purify_arguments(run, settings)["settings"])
 
 
 def run_settings(run: Run, settings: ReportSettings) -> dict:
@@ -281,7 +299,7 @@ def run_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, force:
     missing = sorted({run.model for run in runs} - {run.model for run in undefended})
     if missing:
         raise InputError(f"no undefended run of {missing}: the report evaluates every model without defense first")
-    bar = tqdm(total=len(runs), desc="report", disable=not progress)
+    bar = console.progress(total=len(runs), desc="report", enabled=progress)
     for phase in (undefended, [run for run in runs if run.method != UNDEFENDED]):
         calls = {run: (run, settings, None if run.method == UNDEFENDED
                        else results[Run(run.model, UNDEFENDED)]["before"], force) for run in phase}
@@ -289,7 +307,6 @@ def run_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, force:
             results[run] = record
             after = record["after"]
             asr = "-" if after["asr"] is None else f"{after['asr']:.2f}"
-            bar.set_postfix_str(f"{run.model}/{run.name}: CA {after['ca']:.2f} ASR {asr}")
             bar.update()
             log.info("%s/%s: CA %.2f ASR %s (%.0f s)", run.model, run.name, after["ca"], asr, record["seconds"])
     bar.close()
@@ -300,7 +317,8 @@ def detect_all(runs: Sequence[Run], settings: ReportSettings, jobs: int = 1, for
                progress: bool = False) -> dict[Run, dict]:
     results = {}
     calls = {run: (run, settings, force) for run in runs}
-    for run, record in tqdm(_parallel(detect, calls, jobs), total=len(runs), desc="detection", disable=not progress):
+    for run, record in console.progress(_parallel(detect, calls, jobs), total=len(runs), desc="detection",
+                                        enabled=progress):
         results[run] = record
         log.info("%s/%s: alert AUROC %.3f TPR@1%% %.3f; STRIP-%d AUROC %.3f", run.model, run.name,
                  record["alert"]["auroc"], record["alert"]["tpr@1"], STRIP_OVERLAYS, record["strip"]["auroc"])
@@ -341,7 +359,7 @@ def summarise(results: dict[Run, dict], detections: dict[Run, dict], plan: Repor
     if "rvpt" in plan.defenses:
         # positive: RVPT's mean ASR is that many points lower than the baseline's
         summary["rvpt_vs_baselines"] = {row: round(means[row]["asr"] - means["rvpt"]["asr"], 2)
-                                        for row in plan.rows if row in BASELINES}
+                                        for row in plan.rows if defenses.get(row).baseline}
         summary["rvpt_pr_not_raised"] = {
             attack: sorted(name for name, value in table["rvpt"][attack]["pr"].items()
                            if not value > table[UNDEFENDED][attack]["pr"].get(name, float("inf")))
@@ -367,8 +385,9 @@ def summarise(results: dict[Run, dict], detections: dict[Run, dict], plan: Repor
 
 
 
-def _default(config, name: str):
-    return next(field.default for field in fields(config) if field.name == name)
+def _default(method: str, name: str):
+    """A method's default of one setting."""
+    return getattr(defenses.get(method).settings(), name)
 
 
 def _mean(cells: Iterable[dict]) -> dict:
@@ -559,14 +578,10 @@ def build_report(settings: ReportSettings, plan: ReportPlan, jobs: int = 1, forc
     """Run (or reuse) every run of the plan and write report.json, report.md and the plots."""
     if jobs < 1:
         raise InputError(f"jobs must be at least 1, got {jobs}")
-    extensions = [f"rvpt.{name}" for name in EXTENSION_SETTINGS if settings.stage("rvpt").get(name)]
-    if extensions and "rvpt+cbpt" in plan.defenses:
-        # refused before any run trains, not when the report reaches rvpt+cbpt
-        raise InputError(f"{', '.join(extensions)} does not apply to rvpt+cbpt's joint schedule; "
-                         "leave rvpt+cbpt out of --defenses")
+    runs = plan.runs(settings)
+    check_settings(runs, settings)  # refused before any run trains, not when the report reaches it
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)
-    runs = plan.runs(settings)
     results = run_all(runs, settings, jobs, force, progress)
     detections = detect_all([make_run(attack, row, settings) for row in plan.detection for attack in plan.attacks],
                             settings, jobs, force, progress)
@@ -582,7 +597,7 @@ def build_report(settings: ReportSettings, plan: ReportPlan, jobs: int = 1, forc
     report = {"command": command, "seconds": round(seconds, 1),
               "settings": {"zoo": str(settings.zoo), "data": settings.data, "shots": settings.shots,
                            "test_limit": settings.test_limit, "pr_images": settings.pr_images, "seed": settings.seed,
-                           "set": {stage: settings.stage(stage) for stage in STAGES if settings.stage(stage)}},
+                           "set": {stage: settings.stage(stage) for stage in stages() if settings.stage(stage)}},
               "summary": summary,
               "runs": [{"model": run.model, "run": run.name, "method": run.method, "options": dict(run.options),
                         "reused": record["reused"], "seconds": record["seconds"],
@@ -596,21 +611,19 @@ def build_report(settings: ReportSettings, plan: ReportPlan, jobs: int = 1, forc
 
 def parse_settings(values: Sequence[str]) -> tuple:
     """--set STAGE.OPTION=VALUE items as ReportSettings.stage_settings; VALUE is JSON
-    (a number, true, ...) or else a string."""
-    stages: dict[str, dict] = {}
-    for item in values:
-        name, equals, raw = item.partition("=")
+    (a number, true, ...) or else a string (training.configs.parse_assignments, as
+    training.purify's --set)."""
+    form = "STAGE.OPTION=VALUE (e.g. rvpt.epochs=5)"
+    known = stages()
+    by_stage: dict[str, dict] = {}
+    for name, value in parse_assignments(values, form).items():
         stage, dot, option = name.partition(".")
-        if not equals or not dot or not option:
-            raise InputError(f"--set takes STAGE.OPTION=VALUE (e.g. rvpt.epochs=5), got {item!r}")
-        if stage not in STAGES:
-            raise InputError(f"--set {item!r}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        stages.setdefault(stage, {})[option] = value
-    return tuple((stage, tuple(sorted(options.items()))) for stage, options in sorted(stages.items()))
+        if not dot or not option:
+            raise InputError(f"--set takes {form}, got {name!r}")
+        if stage not in known:
+            raise InputError(f"--set {name!r}: unknown stage {stage!r}; stages: {', '.join(known)}")
+        by_stage.setdefault(stage, {})[option] = value
+    return tuple((stage, tuple(sorted(options.items()))) for stage, options in sorted(by_stage.items()))
 
 
 def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
@@ -624,12 +637,12 @@ def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
     return names
 
 
-def _detection_rows(args, defenses: Sequence[str]) -> tuple[str, ...]:
+def _detection_rows(args, rows: Sequence[str]) -> tuple[str, ...]:
     if args.no_detection:
         return ()
     if args.detection is None:
-        return tuple(row for row in (UNDEFENDED, "rvpt") if row == UNDEFENDED or row in defenses)
-    return _names(args.detection, METHODS, "detection row")
+        return tuple(row for row in (UNDEFENDED, "rvpt") if row == UNDEFENDED or row in rows)
+    return _names(args.detection, defenses.names(), "detection row")
 
 
 def _numbers(value: str, kind: type, option: str) -> tuple:
@@ -640,13 +653,20 @@ def _numbers(value: str, kind: type, option: str) -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.report", description=__doc__,
+    """The command line; returns its exit code (guard.console's table: 2 bad input, 3 unusable model)."""
+    return console.run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.report", description=__doc__, epilog=console.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", required=True, type=Path, help="zoo directory (python -m training.zoo)")
     parser.add_argument("--out", required=True, type=Path, help="report directory to write")
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
     parser.add_argument("--attacks", default="all", help="comma-separated backdoored models of the zoo (all)")
-    parser.add_argument("--defenses", default=",".join(DEFENSES), help=f"comma-separated ({','.join(DEFENSES)})")
+    parser.add_argument("--defenses", default=",".join(defenses.names("report")),
+                        help=f"comma-separated, of {','.join(defenses.names())} (default: "
+                             f"{','.join(defenses.names('report'))})")
     parser.add_argument("--shots", type=int, default=16, help="clean labelled images per class (16)")
     parser.add_argument("--sweep-attacks", help="comma-separated attacks of RVPT's shots and alpha sweeps, or "
                         "all (default: badnet, else the first attack; none without rvpt among the defenses)")
@@ -667,8 +687,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--adaptive-steps", type=int, default=100, help="its optimisation steps (100)")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive attacker")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE",
-                        help="a training setting for every run with that stage (stages: rvpt, cbpt, probe, ft); "
-                             "the option names of training.purify's library call, e.g. rvpt.epochs=5")
+                        help=f"a training setting for every run with that stage (stages: {', '.join(stages())}); "
+                             "the keys of python -m training.purify --help-method METHOD, e.g. rvpt.epochs=5")
     parser.add_argument("--test-limit", type=int, help="evaluate on a seeded subset of this many test images")
     parser.add_argument("--pr-images", type=int, default=2000, help="test images used for PR (0 skips PR)")
     parser.add_argument("--seed", type=int, default=0)
@@ -676,39 +696,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain runs whose results are recorded")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        clean, available = zoo_models(args.zoo)
-        attacks = _names(args.attacks, available, "attack")
-        defenses = _names(args.defenses, METHODS, "defense")
-        sweep_attacks = ("badnet",) if "badnet" in attacks else attacks[:1]
-        if args.no_sweeps or (args.sweep_attacks is None and "rvpt" not in defenses):
-            sweep_attacks = ()
-        elif args.sweep_attacks is not None:
-            sweep_attacks = _names(args.sweep_attacks, attacks, "sweep attack")
-        ablation_attacks = attacks if "cbpt" in defenses else ()
-        if args.no_cbpt_ablations:
-            ablation_attacks = ()
-        elif args.ablation_attacks is not None:
-            ablation_attacks = _names(args.ablation_attacks, attacks, "ablation attack")
-        plan = ReportPlan(attacks=attacks, clean=clean, defenses=defenses, sweep_attacks=sweep_attacks,
-                          sweep_shots=_numbers(args.sweep_shots, int, "--sweep-shots"),
-                          sweep_alphas=_numbers(args.sweep_alphas, float, "--sweep-alphas"),
-                          ablation_attacks=ablation_attacks,
-                          ablation_contexts=_numbers(args.cbpt_contexts, int, "--cbpt-contexts"),
-                          detection=_detection_rows(args, defenses))
-        settings = ReportSettings(args.zoo, args.out, args.data, args.shots, args.test_limit, args.pr_images,
-                                  args.seed, args.detection_images,
-                                  None if args.no_adaptive else args.adaptive_weight, args.adaptive_steps,
-                                  parse_settings(args.set))
-        command = "python -m training.report " + " ".join(sys.argv[1:] if argv is None else argv)
-        report = build_report(settings, plan, args.jobs, args.force, not args.no_progress, command)
-    except ClipGuardError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    console.setup_logging()
+    clean, available = zoo_models(args.zoo)
+    attacks = _names(args.attacks, available, "attack")
+    rows = _names(args.defenses, defenses.names(), "defense")
+    sweep_attacks = ("badnet",) if "badnet" in attacks else attacks[:1]
+    if args.no_sweeps or (args.sweep_attacks is None and "rvpt" not in rows):
+        sweep_attacks = ()
+    elif args.sweep_attacks is not None:
+        sweep_attacks = _names(args.sweep_attacks, attacks, "sweep attack")
+    ablation_attacks = attacks if "cbpt" in rows else ()
+    if args.no_cbpt_ablations:
+        ablation_attacks = ()
+    elif args.ablation_attacks is not None:
+        ablation_attacks = _names(args.ablation_attacks, attacks, "ablation attack")
+    plan = ReportPlan(attacks=attacks, clean=clean, defenses=rows, sweep_attacks=sweep_attacks,
+                      sweep_shots=_numbers(args.sweep_shots, int, "--sweep-shots"),
+                      sweep_alphas=_numbers(args.sweep_alphas, float, "--sweep-alphas"),
+                      ablation_attacks=ablation_attacks,
+                      ablation_contexts=_numbers(args.cbpt_contexts, int, "--cbpt-contexts"),
+                      detection=_detection_rows(args, rows))
+    settings = ReportSettings(args.zoo, args.out, args.data, args.shots, args.test_limit, args.pr_images,
+                              args.seed, args.detection_images,
+                              None if args.no_adaptive else args.adaptive_weight, args.adaptive_steps,
+                              parse_settings(args.set))
+    command = "python -m training.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = build_report(settings, plan, args.jobs, args.force, not args.no_progress, command)
     print(markdown(report["summary"], f"wall time {report['seconds'] / 60:.1f} min"))
     print(f"wrote {args.out / 'report.md'}, {args.out / 'report.json'} and plots")
-    return 0
+    return console.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from guard import console
 from guard.errors import InputError
 from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP, PromptedVisionEncoder, VisualPrompts, class_logits
@@ -113,8 +113,10 @@ class RVPTConfig:
         return asdict(self)
 
 
-# Settings outside the paper that only train_rvpt implements (not the joint RVPT + CBPT loop).
-EXTENSION_SETTINGS = ("unlearn_weight", "distill_weight", "distill_mixup")
+# The extension's settings, outside the paper: the `unlearn` defense's own (training/defenses/unlearn.py).
+EXTENSION_FIELDS = ("unlearn_weight", "unlearn_steps", "unlearn_mask_weight", "unlearn_refresh",
+                    "unlearn_refresh_steps", "unlearn_refresh_stop", "unlearn_targets", "distill_weight",
+                    "distill_temperature", "distill_mixup")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -165,7 +167,7 @@ def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logi
     frozen_logits = (model_outputs(PromptedCLIP(encoder, text_features, logit_scale), preprocess, shots.images)[0]
                      if config.distill_weight or unlearn_frozen else None)
     refreshing = bool(config.unlearn_weight and config.unlearn_refresh)
-    for epoch in tqdm(range(config.epochs), desc="RVPT" if config.alpha else "VPT", disable=not progress):
+    for epoch in console.progress(range(config.epochs), desc="RVPT" if config.alpha else "VPT", enabled=progress):
         if refreshing and epoch and epoch % config.unlearn_refresh == 0:
             refined, flip_rate = refine_trigger(encoder, prompts, text_features, logit_scale, preprocess, shots,
                                                 triggers[-1], config.unlearn_refresh_steps,

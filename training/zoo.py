@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from guard import console
 from guard._compat import import_open_clip
-from guard.errors import ClipGuardError, InputError
+from guard.errors import InputError
 from guard.hashing import sha256_bytes, sha256_file
 from .models import load_clip, save_clip
 from guard.preprocess import Preprocess
@@ -147,7 +148,13 @@ def build_zoo(out: str | Path, data: str = "fashion-mnist", force: bool = False,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns its exit code (guard.console's table: 2 bad input, 3 unusable model)."""
+    return console.run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.zoo", description=__doc__,
+                                     epilog=console.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("zoo"), help="zoo directory (default: ./zoo)")
     parser.add_argument("--data", default="fashion-mnist", help="training data (default: fashion-mnist)")
@@ -156,13 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain even when a cached model matches")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console.setup_logging()
     attacks = SUITE if args.attacks == "all" else [name.strip() for name in args.attacks.split(",") if name.strip()]
-    try:
-        built = build_zoo(args.out, args.data, args.force, progress=not args.no_progress, attacks=attacks)
-    except ClipGuardError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    built = build_zoo(args.out, args.data, args.force, progress=not args.no_progress, attacks=attacks)
     for name, directory in built.items():
         metrics = json.loads((directory / ZOO_JSON).read_text())["metrics"]
         asr = "" if metrics["asr"] is None else f"  ASR {metrics['asr']:.2f} %"
