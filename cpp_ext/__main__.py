@@ -5,7 +5,7 @@ its own small main with the same exit codes and the same output format as every 
 `python -m` entry point (guard/console.py, docs/cli.md):
 
     0  success (the report is printed as JSON on stdout either way)
-    1  unexpected error (a bug; -v shows the traceback)
+    1  unexpected error (a bug: its traceback is printed above the error line)
     2  bad arguments
     3  the operators are unavailable: the build failed or a tool it needs (a C++ compiler,
        ninja, nvcc) is missing
@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import tempfile
+import traceback
 
 from . import _build
 from .errors import ExtensionError, ExtensionUnavailableError
@@ -29,7 +30,8 @@ from .nvcc import ARCHITECTURES, compile_cuda_kernels
 log = logging.getLogger("cpp_ext")
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_MODEL, EXIT_EXPORT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-EPILOG = ("exit codes: 0 success; 1 unexpected error (a bug; -v shows the traceback); 2 bad arguments; "
+EPILOG = ("exit codes: 0 success; 1 unexpected error (a bug: its traceback is printed above the error line); "
+          "2 bad arguments; "
           "3 the operators are unavailable (a failed build, a missing compiler, ninja or nvcc); "
           "4 a CUDA kernel did not compile; 130 interrupted (Ctrl-C)")
 
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         prog="python -m cpp_ext", epilog=EPILOG,
         description="The clip_guard C++/CUDA operators: build them, report on them, or compile the CUDA kernels "
                     "with nvcc (no GPU needed).")
-    parser.add_argument("-v", dest="debug", action="store_true", help="debug logs and tracebacks of unexpected errors")
+    parser.add_argument("-v", dest="debug", action="store_true", help="debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build (or load the cached build) and print the status as JSON")
     build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
@@ -100,9 +102,9 @@ def run(argv=None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
-        log.debug("traceback of the unexpected error", exc_info=True)
-        print(f"error: unexpected {type(error).__name__}: {error} (a bug in clip-guard or its dependencies; "
-              "-v shows the traceback)", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)  # a bug: its report needs the traceback
+        print(f"error: unexpected {type(error).__name__}: {error} (a bug in clip-guard or its dependencies)",
+              file=sys.stderr)
         return EXIT_UNEXPECTED
 
 

@@ -3,13 +3,13 @@
     python -m guard classify IMG... --model PURIFIED [--json] [--top-k K] [--backend B] [--device D]
     python -m guard inspect PURIFIED [--json]
     python -m guard doctor [--json]
-    python -m guard calibrate PURIFIED --data DATA [--fpr 0.01] [--json]
+    python -m guard calibrate PURIFIED --data DIR [--fpr 0.01] [--json]
     python -m guard serve PURIFIED [--host 127.0.0.1] [--port 8080] [--max-batch 32] [--max-wait-ms 0]
 
 Exit codes: guard.console's table (0 success; 2 usage or input error, such as bad
 arguments or an unreadable image; 3 artifact or model error; 4 export error; 1 unexpected
-error; 130 interrupted). Errors are one line on stderr, "error: ..."; -v adds tracebacks of
-unexpected ones. Results go to stdout, logs (-v) to stderr. See docs/cli.md.
+error, printed after its traceback; 130 interrupted). Errors are one line on stderr,
+"error: ...". Results go to stdout, logs (-v) to stderr. See docs/cli.md.
 
 Adding a subcommand: write `run_NAME(args) -> int` and `add_NAME(commands)`, which
 makes its parser with `_subparser` and `set_defaults(run=run_NAME)`, and list
@@ -74,7 +74,7 @@ def _subparser(commands, name: str, summary: str, description: str = "") -> argp
     parser = commands.add_parser(name, help=summary, description=description or summary,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress and debug messages to stderr, with tracebacks of unexpected errors")
+                        help="log progress and debug messages to stderr")
     return parser
 
 

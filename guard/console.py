@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .errors import (ArtifactError, ClipGuardError, ExportError, MissingDependencyError, ModelLoadError,
                      ServiceError)
-
-log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -25,7 +24,7 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_UNEXPECTED: "unexpected error (a bug; -v shows the traceback)",
+    EXIT_UNEXPECTED: "unexpected error (a bug: its traceback is printed above the error line)",
     EXIT_USAGE: "bad arguments or input (an unreadable image, a missing data set)",
     EXIT_MODEL: "unusable model or artifact, a missing optional dependency or an unreachable model server",
     EXIT_EXPORT: "an export failed or the compiled model disagrees with the torch reference",
@@ -77,9 +76,9 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
     except BrokenPipeError:
         raise  # the reader went away (`| head`); the caller exits quietly
     except Exception as error:
-        log.debug("traceback of the unexpected error", exc_info=True)
-        fail(f"unexpected {type(error).__name__}: {error} (a bug in clip-guard or its dependencies; "
-             "-v shows the traceback)")
+        # A bug: its report needs the traceback, which typed errors never print.
+        traceback.print_exc(file=sys.stderr)
+        fail(f"unexpected {type(error).__name__}: {error} (a bug in clip-guard or its dependencies)")
         return EXIT_UNEXPECTED
 
 

@@ -8,7 +8,7 @@ pretrain.json: the recipe, the weights' checksum, the training time and the gate
 figures, with the gates that fail. The architecture is
 training/model_configs/clipguard-scenes.json (8 vision blocks, 56 px inputs in 7 x 7
 patches of 8 px, a 4-block text tower). Exit codes: 0 trained (whether or not the
-gates hold: see pretrain.json), 2 bad input or data.
+gates hold: see pretrain.json); otherwise guard.console's table (docs/cli.md).
 """
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ from typing import Optional, Sequence
 
 import torch
 
+from guard import console
 from guard._compat import import_open_clip
-from guard.errors import ClipGuardError, InputError
+from guard.errors import InputError
 from guard.hashing import sha256_file
-from .models import load_clip, save_clip
 from guard.preprocess import Preprocess
 
 from .contrastive import ContrastiveConfig, train_contrastive
 from .data import load_dataset
 from .gates import measure_gates
+from .models import load_clip, save_clip
 from .scenes import SCENES, SIDE, caption_words, web_pairs
 
 log = logging.getLogger(__name__)
@@ -77,31 +78,33 @@ def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool
                           vocabulary=caption_words())
     stages = stages + [{"training": config.to_dict(), "seconds": round(seconds, 1), "final_loss": losses[-1]}]
     record = {"architecture": cfg, "preprocess": PREPROCESS.to_dict(), "training": config.to_dict(),
-              "stages": stages, "weights_sha256": sha256_file(out / "open_clip_model.safetensors"), "seconds": round(seconds, 1),
+              "stages": stages, "weights_sha256": sha256_file(out / "open_clip_model.safetensors"),
+              "seconds": round(seconds, 1),
               "threads": torch.get_num_threads(), "final_loss": losses[-1], "gates": gates.to_dict()}
     (out / PRETRAIN_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return console.run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=console.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="directory for the pretrained CLIP")
     parser.add_argument("--epochs", type=float, default=RECIPE.epochs)
     parser.add_argument("--lr", type=float, default=RECIPE.lr, help="peak learning rate (AdamW, cosine)")
     parser.add_argument("--seed", type=int, default=RECIPE.seed)
     parser.add_argument("--init", type=Path, help="continue from this pretrained scenes CLIP (a later stage)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars on a terminal, a line per 10 %% in a log")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        record = pretrain(args.out, replace(RECIPE, epochs=args.epochs, lr=args.lr, seed=args.seed),
-                          progress=not args.no_progress and sys.stderr.isatty(), init=args.init)
-    except ClipGuardError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    console.setup_logging()
+    record = pretrain(args.out, replace(RECIPE, epochs=args.epochs, lr=args.lr, seed=args.seed),
+                      progress=args.progress, init=args.init)
     print(json.dumps(record["gates"], indent=2))
-    return 0
+    return console.EXIT_OK
 
 
 if __name__ == "__main__":
