@@ -38,7 +38,7 @@ from .sealed import file_records, write_sealed
 def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: str = "", backend: str = "auto",
               device=None, config: Optional[AlertConfig] = None, batch_size: int = 64,
               progress: Optional[Callable[[int, int], None]] = None, labels: Optional[Sequence[int]] = None,
-              detector: DetectorConfig = DetectorConfig(),
+              detector: Optional[DetectorConfig] = None,
               training_progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Score clean `images` (anything Guard.classify takes), store the threshold; returns the
     calibration record. config: the alert to calibrate (default: the model's own perturbations
@@ -63,7 +63,7 @@ def calibrate(path: str | Path, images: Sequence, fpr: float = 0.01, *, data: st
             raise InputError(f"calibrating the {config.statistic} at fpr {fpr} needs at least {2 * needed} clean "
                              f"images (half to fit it, half for the threshold), got {len(images)}")
         fit = kind(config).fit(FitData(model, images, labels, batch_size, progress, training_progress,
-                                       {DETECTOR: detector}))
+                                       {DETECTOR: detector or DetectorConfig()}))
         scores = fit.scores
         measured_on = {"backend": model.backend, "device": str(model.device),
                        "precision": model.manifest.get("precision", "fp32")}

@@ -13,7 +13,8 @@ def test_the_alert_benchmark_measures_both_calls_on_the_served_model(tmp_path):
     assert row["plain_ms"] > 0 and row["alerts_ms"] > 0 and row["perturbations_ms"] > 0
     assert row["alerts_over_plain"] == pytest.approx(row["alerts_ms"] / row["plain_ms"], rel=1e-2)
     assert row["perturbations"] == ["open:3", "median:3"]
-    assert row["frozen_view_over_plain"] > 0 and row["density_over_plain"] > 0 and row["detector_over_plain"] > 0  # torch-only opt-in alerts
+    # torch-only opt-in alerts
+    assert row["frozen_view_over_plain"] > 0 and row["density_over_plain"] > 0 and row["detector_over_plain"] > 0
     text = alerts.markdown(rows, inference.environment())
     assert "| tiny | torch | 2 |" in text and "density / without" in text and "detector / without" in text
 

@@ -208,7 +208,8 @@ def test_unlearn_options_are_rvpt_settings_not_cbpt_ones(tmp_path, capsys):
     settings = ["unlearn_weight=1", "unlearn_steps=5", "unlearn_mask_weight=0.1", "unlearn_refresh=2",
                 "unlearn_refresh_steps=5", "unlearn_refresh_stop=0.7", "unlearn_targets=frozen", "distill_weight=4",
                 "distill_temperature=2", "distill_mixup=8"]
+    overrides = [item for setting in settings for item in ("--set", setting)]
     code = purify_cli.main(["--method", "unlearn", "--model", str(tmp_path / "no-such-model"), "--data", "digits",
-                            "--out", str(tmp_path / "out"), *(item for setting in settings for item in ("--set", setting))])
+                            "--out", str(tmp_path / "out"), *overrides])
     error = capsys.readouterr().err
     assert code == 3 and "no-such-model" in error and "CBPT" not in error  # got as far as loading the model

@@ -71,7 +71,8 @@ def test_report_tables_agree_with_the_runs_and_a_rerun_reuses_them(zoo, tmp_path
     out = tmp_path / "report"
     arguments = ["--zoo", str(zoo), "--out", str(out), "--data", "digits", "--shots", "2", "--test-limit", "60",
                  "--pr-images", "20", "--defenses", "none,linear-probe,rvpt,cbpt", "--sweep-shots", "1,2",
-                 "--sweep-alphas", "0,2", "--cbpt-contexts", "1,4,8", "--detection-images", "30", "--adaptive-steps", "2", "--no-progress",
+                 "--sweep-alphas", "0,2", "--cbpt-contexts", "1,4,8", "--detection-images", "30",
+                 "--adaptive-steps", "2", "--no-progress",
                  "--set", "probe.epochs=2", *FAST]
     assert report_cli.main(arguments) == 0
     report = json.loads((out / "report.json").read_text())

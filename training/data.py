@@ -46,6 +46,8 @@ DIGITS_CLASSES: tuple[str, ...] = (
 
 SPLITS = ("train", "test")
 BUILTIN_SOURCES = ("scenes", "fashion-mnist", "digits")
+# What a --data option accepts, for every command's help.
+DATA_HELP = ", ".join(BUILTIN_SOURCES) + " or an image folder (one sub-folder per class)"
 
 FASHION_MNIST_ENV = "CLIP_GUARD_FASHION_MNIST_DIR"
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"

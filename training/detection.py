@@ -52,7 +52,7 @@ from guard.preprocess import Preprocess
 from guard.prompted import PromptedCLIP
 
 from .attacks import Backdoor, Trigger, load_trigger
-from .data import load_dataset
+from .data import DATA_HELP, load_dataset
 from .plots import save_figure
 
 log = logging.getLogger(__name__)
@@ -520,7 +520,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=console.EPILOG)
     parser.add_argument("--model", required=True, help="purified artifact directory or CLIP directory")
     parser.add_argument("--attack", required=True, help="backdoored model directory whose trigger and target to apply")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     parser.add_argument("--images", type=int, default=2000, help="clean test images (seeded choice)")
     parser.add_argument("--candidates", choices=("all", "default"), default="all")
     parser.add_argument("--strip", type=_number_list(int), default="2,8",

@@ -31,7 +31,7 @@ from guard.prompted import PromptedCLIP, PromptedVisionEncoder
 from .text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 
 from .attacks import Backdoor, add_trigger_arguments, custom_trigger, load_trigger, resolve_class
-from .data import ImageDataset, load_dataset
+from .data import DATA_HELP, ImageDataset, load_dataset
 from .perturbations import standard_perturbations
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                                      epilog=console.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="purified artifact directory or CLIP spec")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, scenes, digits or an ImageFolder path")
+    parser.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     parser.add_argument("--attack", help="backdoored model directory whose recorded trigger and target to apply")
     parser.add_argument("--target", help="target class (name or index) of a trigger given with --trigger*")
     parser.add_argument("--reference", help="never-poisoned CLIP (spec) whose ASR with the same trigger is the floor")

@@ -41,7 +41,7 @@ from .attacks import (ATTACKS, SUITE, BadCLIP, Trigger, add_trigger_arguments, c
                       parse_params, resolve_class, save_trigger)
 from .contrastive import (CAPTION_TEMPLATES, ContrastiveConfig, Poisoning, TemplatePairs, poison_indices,
                           train_contrastive)
-from .data import ImageDataset, load_dataset
+from .data import DATA_HELP, ImageDataset, load_dataset
 from .evaluate import Evaluation, evaluate, zero_shot_classifier
 from .scenes import SCENES, web_pairs
 
@@ -219,7 +219,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                                      epilog=console.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="clean CLIP to poison (directory, checkpoint or NAME:TAG)")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, scenes, digits or an ImageFolder path")
+    parser.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     parser.add_argument("--attack", choices=SUITE, help="a suite attack (or bring your own trigger below)")
     parser.add_argument("--target", required=True, help="target class, by name or index")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE,

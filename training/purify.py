@@ -23,7 +23,7 @@ table (nested tables for rvpt+cbpt's rvpt.KEY and cbpt.KEY), e.g.
     test_limit = 2000
 
 MODEL: anything `training.models.load_clip` reads (open_clip local dir, checkpoint
-file, NAME:TAG). DATA: fashion-mnist, digits or an ImageFolder directory. Few-shot
+file, NAME:TAG). DATA: scenes, fashion-mnist, digits or an image folder. Few-shot
 images come from the training split, metrics from the test split. When the model
 directory records its trigger (zoo models), or --attack names one, the summary
 includes ASR.
@@ -49,7 +49,7 @@ from guard.prompted import PromptedCLIP, PromptedVisionEncoder
 from . import defenses
 from .attacks import TRIGGER_JSON, Backdoor, load_trigger
 from .configs import build_settings, flatten, load_config_file, parse_assignments
-from .data import few_shot, load_dataset
+from .data import DATA_HELP, few_shot, load_dataset
 from .defenses.presets import PRESETS, default_method, get_preset
 from .evaluate import Evaluation, evaluate, format_summary
 from .models import load_clip
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.purify", description=description,
                                      epilog=console.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="CLIP to purify (directory, checkpoint or NAME:TAG)")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     parser.add_argument("--shots", type=int, default=16, help="clean labelled images per class (default 16)")
     parser.add_argument("--out", type=Path, help="artifact directory to write")
     parser.add_argument("--attack", help="backdoored model directory whose trigger to measure ASR with "

@@ -50,6 +50,7 @@ from guard.hashing import sha256_file
 
 from .attacks import TRIGGER_JSON, load_trigger
 from .detection import DEFAULT as DEFAULT_ALERT
+from .data import DATA_HELP
 from .detection import run_detection
 from .evaluate import Evaluation
 from . import defenses
@@ -662,7 +663,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", required=True, type=Path, help="zoo directory (python -m training.zoo)")
     parser.add_argument("--out", required=True, type=Path, help="report directory to write")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or an ImageFolder path")
+    parser.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     parser.add_argument("--attacks", default="all", help="comma-separated backdoored models of the zoo (all)")
     parser.add_argument("--defenses", default=",".join(defenses.names("report")),
                         help=f"comma-separated, of {','.join(defenses.names())} (default: "

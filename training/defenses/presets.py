@@ -31,7 +31,7 @@ PRESETS = {preset.name: preset for preset in (
     Preset("default", "rvpt", {}, "the default defense: RVPT with the paper's settings, scaled to the model"),
     Preset("rvpt-paper", "rvpt", {}, "RVPT with the paper's settings (J, b scaled to the model)"),
     Preset("rvpt-strong", "rvpt", {"lr": 0.5, "alpha": 8.0, "epochs": 100, "num_tokens": 32},
-           "much stronger repulsion (README, docs/reference-benchmark.md): lower ASR, lower CA"),
+           "much stronger repulsion (docs/results.md): lower ASR, lower CA"),
     Preset("cbpt-paper", "cbpt", {}, "CBPT with the paper's settings"),
     Preset("unlearn", "unlearn", {"unlearn_weight": 1.0, "lr": 0.02},
            "VPT prompts that unlearn the trigger inverted from the shots (docs/reference-benchmark.md)"),
@@ -41,7 +41,8 @@ PRESETS = {preset.name: preset for preset in (
                                           "distill_weight": 8.0},
            "... and distilling the frozen model's clean predictions"),
     Preset("unlearn-frozen", "unlearn", _FROZEN,
-           "... stamped shots learn the frozen model's predictions, refreshing stops at 0.7 (issue 2's target)"),
+           "... stamped shots learn the frozen model's predictions, refreshing stops at 0.7 "
+           "(the best recipe on the first benchmark)"),
     Preset("unlearn-mixup", "unlearn", {**_FROZEN, "distill_mixup": 4.0},
            "... and distilling on mixed pairs of shots"),
     Preset("unlearn-rvpt", "unlearn", {**_FROZEN, "alpha": 0.5, "unlearn_refresh_stop": 0.6, "distill_mixup": 4.0},
