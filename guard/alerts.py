@@ -1,6 +1,6 @@
 """Per-input trigger alert: how an input's features and logits move under a few perturbations.
 
-The perturbation resistivity (PR) of METHODS.md compares how far the image embedding h and
+The perturbation resistivity (PR) of docs/methods.md compares how far the image embedding h and
 the class logits z move when the input is perturbed: PR = E cos(h, h~) / E cos(z, z~). Per
 input x and K perturbed copies x_k the two terms are
 

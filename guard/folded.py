@@ -2,8 +2,7 @@
 
 In VPT-deep the prompt outputs of a block are dropped before the next one, so a
 prompt reaches the image tokens only through its keys and values in attention, and
-those depend on the prompt alone (METHODS.md, "An identity that serving should
-exploit"). Per prompted block l:
+those depend on the prompt alone (docs/methods.md, "Folding"). Per prompted block l:
 
     K_l = LN1(P_l) W_k + b_k,    V_l = LN1(P_l) W_v + b_v      (constants)
 

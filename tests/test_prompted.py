@@ -18,7 +18,7 @@ def images():
 
 
 def folded_block(block, tokens, prompt):
-    """Block l of VPT-deep computed the folded way (METHODS.md): image tokens attend to
+    """Block l of VPT-deep computed the folded way (docs/methods.md): image tokens attend to
     their own keys/values plus the prompt's constant keys/values; no prompt queries or
     MLP. Written from the block's weights, independently of insert/drop_prompts."""
     attention = block.attn

@@ -4,7 +4,7 @@ Sizes in the literature are for 224 px images; here they scale with the image si
 A trigger is saved next to a backdoored model (`save_trigger`) so evaluation
 re-applies it exactly (`load_trigger`).
 
-The suite (METHODS.md, "Attacks"): BadNet, Blended, WaNet, SIG, label-consistent
+The suite (docs/methods.md, "Attacks"): BadNet, Blended, WaNet, SIG, label-consistent
 BadNet and a BadCLIP-style optimised patch, plus bring-your-own triggers: a Python
 callable named by import path (`CallableTrigger`) or an image file pasted as a patch
 or blended over the whole image (`ImageTrigger`). Clean-label attacks (SIG,
@@ -66,7 +66,7 @@ class Trigger:
 class BadNet(Trigger):
     """BadNet: a square of random noise (16 px at 224 px) pasted onto the image.
 
-    METHODS.md says "at a random position". Two readings, both available:
+    docs/methods.md says "at a random position". Two readings, both available:
     position="seeded" (default) draws one position from `seed` and uses it for every
     image; position="per-image" draws a new position for every image, as CleanCLIP's
     code does. Per-image placement is much harder to learn: on the tiny reference
@@ -459,7 +459,7 @@ def _corner(position: str, size: int, image_size: int) -> tuple[int, int]:
 
 ATTACKS = {trigger.name: trigger for trigger in (BadNet, Blended, WaNet, SIG, LabelConsistentBadNet, BadCLIP,
                                                  CallableTrigger, ImageTrigger)}
-# The attacks of METHODS.md that need no user input (the zoo builds one model per entry).
+# The attacks of docs/methods.md that need no user input (the zoo builds one model per entry).
 SUITE = ("badnet", "blended", "wanet", "sig", "lc-badnet", "badclip")
 
 

@@ -4,7 +4,7 @@
 
 Linear probe: the image tower stays frozen; a linear head is trained on the few-shot
 image embeddings with cross-entropy, SGD lr 0.01, momentum 0.9, batch 32, 40 epochs
-(METHODS.md). The head is a *cosine* classifier,
+(docs/methods.md). The head is a *cosine* classifier,
     logits = logit_scale * normalize(embedding) @ normalize(W).T,
 with the model's own logit scale, fixed. That is exactly what PromptedCLIP computes
 with W in place of the class text embeddings, so W is stored as the artifact's
@@ -63,7 +63,7 @@ def _need(condition: bool, what: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """The linear probe's settings (METHODS.md's SGD lr 0.01, momentum 0.9, batch 32,
+    """The linear probe's settings (docs/methods.md: SGD lr 0.01, momentum 0.9, batch 32,
     40 epochs). init_std None: 1/sqrt(E), rows of norm about 1."""
     epochs: int = 40
     batch_size: int = 32

@@ -1,6 +1,6 @@
 """The perturbations of perturbation resistivity (PR), on float images in [0, 1].
 
-METHODS.md lists Gaussian noise (std 0.01, 0.03), Gaussian blur (kernel 3, 5),
+docs/methods.md lists Gaussian noise (std 0.01, 0.03), Gaussian blur (kernel 3, 5),
 colour jitter, horizontal flip and the BadNet, Blended and BadCLIP triggers.
 Random ones are seeded so PR is reproducible. BadCLIP's trigger is an optimised
 patch that comes with the attack suite, not here.
@@ -53,7 +53,7 @@ def horizontal_flip(images: torch.Tensor) -> torch.Tensor:
 
 
 def standard_perturbations(image_size: int, seed: int = 0) -> dict[str, Perturbation]:
-    """The PR perturbation set of METHODS.md that needs no trained attack."""
+    """The PR perturbation set of docs/methods.md that needs no trained attack."""
     return {
         "noise_0.01": gaussian_noise(0.01, seed),
         "noise_0.03": gaussian_noise(0.03, seed),

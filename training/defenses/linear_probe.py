@@ -8,7 +8,7 @@ from ..configs import derive
 from .base import Defense, TrainContext, Trained
 
 ProbeSettings = derive(LinearProbeConfig, "ProbeSettings", drop=("seed",), module=__name__,
-                       doc="the linear probe's settings (METHODS.md's)")
+                       doc="the linear probe's settings (docs/methods.md's)")
 
 HELP = {"epochs": "training epochs", "batch_size": "batch size", "lr": "SGD learning rate",
         "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
