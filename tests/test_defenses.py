@@ -79,6 +79,7 @@ def test_a_registered_defense_runs_through_purify_and_serves_what_it_trained(toy
     assert artifact.manifest["method"]["hyperparameters"] == {"class_means": {"blend": 1.0}, "shots": 4,
                                                              "data": "digits"}
     assert artifact.manifest["visual_prompts"] is None
+    assert result.fr_cosine is None and artifact.manifest["metrics"]["fr_cosine"] is None  # no prompts to repel
     # the class means of a random tower are not the template embeddings: the defense changed the model
     assert not torch.allclose(result.classifier.text_features, none.classifier.text_features, atol=1e-3)
     assert result.after != result.before and none.after == none.before

@@ -60,6 +60,7 @@ def test_purified_artifact_serves_what_training_measured(zoo, purified):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["after"]["ca"] == pytest.approx(metrics["after"]["ca"])
     assert manifest["base_model"]["sha256"] and manifest["method"]["name"] == "rvpt"
+    assert -1.0 <= manifest["metrics"]["fr_cosine"] == metrics["fr_cosine"] < 1.0  # reported in both
     # the runtime's own preprocessing path agrees with the evaluation path
     from guard.artifact import load_artifact
     from guard.runtime import build_classifier

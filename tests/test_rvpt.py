@@ -6,7 +6,8 @@ from guard._compat import import_open_clip
 from guard.errors import InputError
 from guard.prompted import PromptedVisionEncoder, class_logits
 from training.data import ImageDataset
-from training.rvpt import RVPTConfig, distillation_loss, feature_repelling_loss, mix_pairs, train_rvpt
+from training.rvpt import (RVPTConfig, distillation_loss, feature_repelling_loss, mix_pairs, repelling_cosine,
+                           train_rvpt)
 
 open_clip = import_open_clip()
 
@@ -65,6 +66,20 @@ def test_training_is_reproducible_and_alpha_zero_is_plain_vpt(tiny_artifact, few
     _, (vpt, history) = _train(tiny_artifact, few_shot_set, alpha=0.0)
     assert all(epoch["fr"] == 0.0 for epoch in history)
     assert not torch.equal(vpt.tokens, first.tokens)
+
+
+def test_repelling_cosine_is_the_fr_term_of_the_learnt_prompts(tiny_artifact, few_shot_set):
+    encoder, (prompts, _) = _train(tiny_artifact, few_shot_set)
+    preprocess = tiny_artifact.preprocess
+    with torch.no_grad():
+        prompted, frozen = encoder.forward_with_reference(
+            preprocess.normalize(preprocess.resize(few_shot_set.images)), prompts)
+    expected = feature_repelling_loss(prompted.block_cls, frozen.block_cls, margin=-1.0).item()
+    # in batches of 5: the last one is short and still weighs per image
+    measured = repelling_cosine(encoder, prompts, preprocess, few_shot_set.images, batch_size=5)
+    assert measured == pytest.approx(expected, abs=1e-5)
+    _, (vpt, _) = _train(tiny_artifact, few_shot_set, alpha=0.0)
+    assert measured < repelling_cosine(encoder, vpt, preprocess, few_shot_set.images)  # RVPT repels, VPT does not
 
 
 def test_distillation_loss_is_the_scaled_kl_from_teacher_to_student():

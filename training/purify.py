@@ -53,6 +53,7 @@ from .data import DATA_HELP, few_shot, load_dataset
 from .defenses.presets import PRESETS, default_method, get_preset
 from .evaluate import Evaluation, evaluate, format_summary
 from .models import load_clip
+from .rvpt import repelling_cosine
 from .text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,11 @@ class PurifyResult:
     train_seconds: Optional[float] = None
     classifier: Optional[PromptedCLIP] = field(default=None, repr=False, compare=False)  # the model in memory
     inversion: Optional[dict] = None  # training.inversion's findings, when the defense inverted a trigger
+    fr_cosine: Optional[float] = None  # training.rvpt.repelling_cosine of the learnt prompts on the shots
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "seconds": self.seconds, "train_seconds": self.train_seconds,
+                "seconds": self.seconds, "train_seconds": self.train_seconds, "fr_cosine": self.fr_cosine,
                 **({} if self.inversion is None else {"inversion": self.inversion})}
 
 
@@ -142,8 +144,9 @@ def purify(model: str, data: str, out: str | Path, *, method: Optional[str] = No
     classifier = PromptedCLIP(encoder, trained.text_features, trained.logit_scale, trained.prompts).eval()
     after = before if trained.unchanged else evaluate(classifier, preprocess, test, backdoor, pr_images, seed,
                                                       progress)
-    seconds = time.perf_counter() - started
     prompts = trained.prompts
+    fr_cosine = None if prompts is None else repelling_cosine(encoder, prompts, preprocess, shot_set.images)
+    seconds = time.perf_counter() - started
     save_artifact(
         out, base_model=loaded.identity.to_dict(), vision_state=loaded.model.visual.state_dict(),
         visual_prompts=None if prompts is None else prompts.tokens,
@@ -151,9 +154,10 @@ def purify(model: str, data: str, out: str | Path, *, method: Optional[str] = No
         logit_scale=trained.logit_scale, classes=train.classes, templates=templates, preprocess=preprocess,
         method=defense.name, hyperparameters={**trained.recorded, "shots": shots, "data": data},
         metrics={"before": before.to_dict(), "after": after.to_dict(), "final_epoch": trained.final_epoch,
+                 "fr_cosine": fr_cosine,
                  "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 1),
                  **({} if trained.inversion is None else {"inversion": trained.inversion})})
-    return PurifyResult(Path(out), before, after, seconds, train_seconds, classifier, trained.inversion)
+    return PurifyResult(Path(out), before, after, seconds, train_seconds, classifier, trained.inversion, fr_cosine)
 
 
 # --------------------------------------------------------------------------- command line
@@ -247,6 +251,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     result = purify(args.model, args.data, args.out, method=method, settings=chosen, shots=args.shots,
                     seed=args.seed, attack=args.attack, device=args.device, progress=args.progress, **asdict(run))
     print(format_summary({"before": result.before, f"after {method}": result.after}))
+    if result.fr_cosine is not None:
+        print(f"feature-repelling cosine of the prompts on the shots: {result.fr_cosine:.4f} "
+              "(1: they repel nothing; RVPT drives it towards -1)")
     print(f"wrote {result.out} in {result.seconds:.0f} s (training {result.train_seconds:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

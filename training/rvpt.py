@@ -140,6 +140,21 @@ def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor,
     return F.cosine_similarity(prompted_cls, frozen_cls, dim=-1).clamp(min=margin).mean()
 
 
+@torch.no_grad()
+def repelling_cosine(encoder: PromptedVisionEncoder, prompts: VisualPrompts, preprocess: Preprocess,
+                     images: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean cosine between the prompted and the frozen class tokens at the prompted blocks
+    on `images` [N, C, H, W] uint8: the FR term at margin -1 of trained prompts. Near 1 the
+    prompts repel nothing; the paper drives it towards -1."""
+    device = next(prompts.parameters()).device
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        batch = preprocess.normalize(preprocess.resize(images[start:start + batch_size]).to(device))
+        prompted, frozen = encoder.forward_with_reference(batch, prompts)
+        total += F.cosine_similarity(prompted.block_cls.float(), frozen.block_cls.float(), dim=-1).mean(-1).sum().item()
+    return total / len(images)
+
+
 def train_rvpt(encoder: PromptedVisionEncoder, text_features: torch.Tensor, logit_scale: float,
                preprocess: Preprocess, shots: ImageDataset, config: RVPTConfig,
                progress: bool = False, inversion: Optional[Inversion] = None
