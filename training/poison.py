@@ -17,7 +17,7 @@ only and keep their captions, so R can be at most the target class's share.
 
 DIR gets the poisoned model (open_clip local dir) and its trigger (trigger.json,
 trigger.safetensors), so `python -m training.evaluate --model DIR --attack DIR`
-re-applies the trigger. Exit codes: 0 done, 2 bad input, model or data.
+re-applies the trigger. Exit codes: guard.console's table (docs/cli.md).
 """
 from __future__ import annotations
 
