@@ -9,7 +9,7 @@ from training.models import LoadedCLIP, ModelIdentity
 from training.text import DEFAULT_TEMPLATES, TextEncoder, class_text_features
 from training.data import ImageDataset
 from training.evaluate import model_outputs, zero_shot_classifier
-from training.gates import GateFigures, context_cosine, learned_context_cosine, measure_gates
+from training.gates import GateFigures, context_cosine, format_gates, learned_context_cosine, measure_gates
 
 from conftest import CLASSES
 
@@ -32,6 +32,16 @@ def test_passing_figures_have_no_failures():
 def test_each_gate_fails_alone_and_says_which(change, words):
     failures = GateFigures(**{**PASSING, **change}).failures()
     assert len(failures) == 1 and words in failures[0]
+
+
+def test_figures_read_back_and_print_beside_their_bounds():
+    figures = GateFigures(**{**PASSING, "random_contexts": {"vectors": 0.99}})
+    assert GateFigures.from_dict(figures.to_dict()) == figures
+    text = format_gates(figures)
+    assert "PR blur_5" in text and "0.900  <= 0.95" in text and "noise_0.03" in text and "reported" in text
+    assert "floor sig %" in text and text.endswith("gates: all hold")
+    failing = format_gates(GateFigures(**{**PASSING, "zero_shot_ca": 79.9}))
+    assert failing.splitlines()[-1] == "gates FAIL: zero-shot clean accuracy 79.90 % < 80.0 %"
 
 
 @pytest.fixture()

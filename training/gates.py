@@ -71,6 +71,11 @@ class GateFigures:
     def to_dict(self) -> dict:
         return {**asdict(self), "failures": self.failures()}
 
+    @classmethod
+    def from_dict(cls, figures: Mapping) -> "GateFigures":
+        """Figures written by to_dict (pretrain.json, gates.json); failures are recomputed."""
+        return cls(**{key: value for key, value in figures.items() if key != "failures"})
+
 
 def gate_perturbations(seed: int = 0) -> dict:
     return {"noise_0.03": gaussian_noise(0.03, seed), "blur_5": gaussian_blur(5),
@@ -156,3 +161,17 @@ def measure_gates(loaded, test: ImageDataset, train: ImageDataset, floors: Optio
         random_contexts["words"] = context_cosine(loaded, test.classes, seed=seed, vocabulary=vocabulary)
     learned = learned_context_cosine(loaded, few_shot(train, shots, seed), seed)
     return GateFigures(resistivity(loaded, test, pr_images, seed), learned, ca, dict(floors or {}), random_contexts)
+
+
+def format_gates(figures: GateFigures) -> str:
+    """The gates as text: each figure beside its bound ("reported": not gated), then the verdict."""
+    rows = [("zero-shot CA %", f"{figures.zero_shot_ca:.2f}", f">= {MIN_ZERO_SHOT_CA}")]
+    rows += [(f"PR {name}", f"{value:.3f}", f"<= {MAX_PR}" if name in GATED_PERTURBATIONS else "reported")
+             for name, value in figures.pr.items()]
+    rows.append(("learned context cosine", f"{figures.context_cosine:.3f}", f"<= {MAX_CONTEXT_COSINE}"))
+    rows += [(f"random {kind} context cosine", f"{value:.3f}", "reported")
+             for kind, value in figures.random_contexts.items()]
+    rows += [(f"floor {attack} %", f"{floor:.2f}", f"<= {MAX_FLOOR}") for attack, floor in figures.floors.items()]
+    failures = figures.failures()
+    verdict = "gates: all hold" if not failures else "gates FAIL: " + "; ".join(failures)
+    return "\n".join([*(f"{label:<30}{value:>9}  {bound}" for label, value, bound in rows), verdict])

@@ -32,7 +32,7 @@ from guard.preprocess import Preprocess
 
 from .contrastive import ContrastiveConfig, train_contrastive
 from .data import load_dataset
-from .gates import measure_gates
+from .gates import GateFigures, format_gates, measure_gates
 from .models import load_clip, save_clip
 from .scenes import SCENES, SIDE, caption_words, web_pairs
 
@@ -103,7 +103,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     console.setup_logging()
     record = pretrain(args.out, replace(RECIPE, epochs=args.epochs, lr=args.lr, seed=args.seed),
                       progress=args.progress, init=args.init)
-    print(json.dumps(record["gates"], indent=2))
+    print(format_gates(GateFigures.from_dict(record["gates"])))
     return console.EXIT_OK
 
 
