@@ -40,6 +40,21 @@ def test_reference_models_meet_their_targets(zoo):
     assert backdoored["asr"] >= 95.0
     assert abs(backdoored["ca"] - clean["ca"]) <= 3.0
     assert backdoored["target_name"] == "t-shirt"
+    assert _record(zoo["clean"])["downstream"] == _record(zoo["badnet"])["downstream"] == "fashion-mnist"
+
+
+def test_the_zoo_prints_its_gates_and_the_first_benchmark_fails_the_pr_gate(zoo, capsys):
+    from training import zoo as zoo_cli
+
+    out = zoo["clean"].parent
+    assert zoo_cli.main(["--out", str(out), "--attacks", "badnet", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    gates = json.loads((out / "gates.json").read_text())
+    assert set(gates["floors"]) == {"badnet"} and 0.0 <= gates["floors"]["badnet"] < 100.0
+    assert gates["zero_shot_ca"] == pytest.approx(_record(zoo["clean"])["metrics"]["ca"])
+    # this clean CLIP encodes almost nothing class-irrelevant: why the scenes benchmark exists
+    assert gates["pr"]["blur_5"] > 0.95 and any("blur_5" in failure for failure in gates["failures"])
+    assert "floor badnet %" in printed and "gates FAIL" in printed
 
 
 def test_zoo_is_cached(zoo):
