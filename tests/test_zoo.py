@@ -13,7 +13,7 @@ from guard.errors import InputError
 from guard.hashing import sha256_file
 from training import zoo
 from training.models import save_clip
-from training.pretrain import PREPROCESS, RECIPE, scenes_model_cfg
+from training.pretrain import PREPROCESS, RECIPE, pretrain, scenes_model_cfg
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,9 @@ def test_the_scenes_zoo_refuses_what_it_cannot_start_from(pretrained, tmp_path):
                      zoo.PREPROCESS, tmp_path / "tiny")
     with pytest.raises(InputError, match="not a pretrained scenes CLIP"):
         zoo.build_zoo(tmp_path / "zoo", data="scenes", pretrained=tiny)
+    with pytest.raises(InputError, match="is not a clipguard-scenes model"):  # a later stage continues the same model
+        pretrain(tmp_path / "stage2", init=tiny)
+    assert not (tmp_path / "stage2").exists()
 
     with pytest.raises(InputError, match="the digits zoo trains its own"):
         zoo._main(["--out", str(tmp_path / "zoo"), "--data", "digits", "--pretrain"])
