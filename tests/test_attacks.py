@@ -102,7 +102,7 @@ def test_summary_table_shows_every_asr_and_dashes_what_was_not_measured():
                                    "untriggered"]
     assert backdoored.split() == ["backdoored", "85.50", "99.25", "-", "-", "99.50", "1.75", "0.950", "0.950"]
     assert floored.split() == ["with", "floor", "85.50", "99.25", "2.00", "97.25", "99.50", "1.75", "0.950", "0.950"]
-    assert clean.split() == ["clean", "only", "84.00", "-", "-", "-", "-", "-", "nan", "nan"]  # mean PR, hflip
+    assert clean.split() == ["clean", "only", "84.00", "-", "-", "-", "-", "-", "-", "-"]  # mean PR, hflip
 
 
 def test_perturbation_resistivity_is_a_ratio_of_mean_cosines():

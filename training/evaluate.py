@@ -180,16 +180,19 @@ def format_summary(rows: dict[str, Evaluation]) -> str:
     for label, evaluation in rows.items():
         asr, floor, excess, asr_all, untriggered = (_percent(value) for value in (
             evaluation.asr, evaluation.floor, evaluation.excess_asr, evaluation.asr_all, evaluation.asr_untriggered))
-        mean_pr = sum(evaluation.pr.values()) / len(evaluation.pr) if evaluation.pr else float("nan")
+        mean_pr = f"{sum(evaluation.pr.values()) / len(evaluation.pr):.3f}" if evaluation.pr else "-"
         lines.append(f"{label:<22}{evaluation.ca:>8.2f}{asr:>8}{floor:>9}{excess:>8}{asr_all:>11}{untriggered:>15}"
-                     f"{mean_pr:>9.3f}"
-                     + "".join(f"{evaluation.pr.get(name, float('nan')):>{width}.3f}"
-                               for name, width in zip(names, widths)))
+                     f"{mean_pr:>9}"
+                     + "".join(f"{_pr(evaluation.pr, name):>{width}}" for name, width in zip(names, widths)))
     return "\n".join(lines)
 
 
 def _percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _pr(pr: dict, name: str) -> str:
+    return f"{pr[name]:.3f}" if name in pr else "-"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
