@@ -12,25 +12,18 @@ without a split is used whole rather than through a held-out subset.
 """
 from __future__ import annotations
 
-import gzip
 import os
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from guard.errors import DataError, InputError
+from guard.idx import FASHION_MNIST_ENV, IDX_IMAGES_MAGIC, fashion_mnist_dir, read_idx
 from guard.inputs import image_files, resize_batch
 from guard.preprocess import Preprocess
 
 FASHION_MNIST = "fashion-mnist"
-# The same location and file as training.data's Fashion-MNIST test split.
-FASHION_MNIST_ENV = "CLIP_GUARD_FASHION_MNIST_DIR"
-FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
-IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+FASHION_MNIST_TEST_IMAGES = "t10k-images-idx3-ubyte.gz"  # training.data's test split reads the same file
 
 
 def parity_images(source: str | os.PathLike, preprocess: Preprocess, limit: int | None = None) -> torch.Tensor:
@@ -50,24 +43,11 @@ def parity_images(source: str | os.PathLike, preprocess: Preprocess, limit: int 
 
 def fashion_mnist_test_images() -> torch.Tensor:
     """The Fashion-MNIST test images as uint8 [10000, 1, 28, 28]."""
-    directory = Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DEFAULT_DIR)
-    path = directory / FASHION_MNIST_TEST_IMAGES
+    path = fashion_mnist_dir() / FASHION_MNIST_TEST_IMAGES
     if not path.is_file():
         raise DataError(f"{path} is missing: run `apt-get install dataset-fashion-mnist`, or set "
                         f"{FASHION_MNIST_ENV} to a directory holding the gzipped IDX files")
-    try:
-        with gzip.open(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path} is not a readable gzip file: {error}") from error
-    if len(data) < 16:
-        raise DataError(f"{path}: {len(data)} bytes, too short for an IDX header")
-    magic, count, height, width = struct.unpack(">4I", data[:16])
-    if magic != IDX_IMAGES_MAGIC or len(data) - 16 != count * height * width:
-        raise DataError(f"{path} is not an IDX file of {count} images of {height}x{width} bytes "
-                        f"(magic {magic}, expected {IDX_IMAGES_MAGIC}; {len(data) - 16} payload bytes)")
-    pixels = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, 1, height, width)
-    return torch.from_numpy(pixels.copy())
+    return torch.from_numpy(read_idx(path, IDX_IMAGES_MAGIC, 3).copy()).unsqueeze(1)
 
 
 def folder_images(root: Path, preprocess: Preprocess, limit: int | None = None) -> torch.Tensor:

@@ -17,11 +17,8 @@ them later. Nothing here downloads anything:
 from __future__ import annotations
 
 import functools
-import gzip
 import logging
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,6 +28,7 @@ import torch
 from PIL import Image
 
 from guard.errors import DataError, InputError, MissingDependencyError
+from guard.idx import FASHION_MNIST_ENV, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, fashion_mnist_dir, read_idx
 from guard.inputs import image_files
 from guard.preprocess import Preprocess
 
@@ -49,14 +47,10 @@ BUILTIN_SOURCES = ("scenes", "fashion-mnist", "digits")
 # What a --data option accepts, for every command's help.
 DATA_HELP = ", ".join(BUILTIN_SOURCES) + " or an image folder (one sub-folder per class)"
 
-FASHION_MNIST_ENV = "CLIP_GUARD_FASHION_MNIST_DIR"
-FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 _FASHION_SIDE = 28
 
 DIGITS_TEST_FRACTION = 1 / 3
@@ -161,11 +155,6 @@ def _stratified_split(labels: torch.Tensor, test_fraction: float, split: str) ->
 
 # --- Fashion-MNIST ---------------------------------------------------------------------
 
-def fashion_mnist_dir() -> Path:
-    """$CLIP_GUARD_FASHION_MNIST_DIR if set, else Debian's install directory."""
-    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DEFAULT_DIR)
-
-
 def _load_fashion_mnist(split: str) -> ImageDataset:
     directory = fashion_mnist_dir()
     paths = [directory / name for name in _FASHION_FILES[split]]
@@ -185,8 +174,8 @@ def _load_fashion_mnist(split: str) -> ImageDataset:
 def _read_fashion_mnist(directory: str, split: str, stamp: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     image_file, label_file = (Path(directory) / name for name in _FASHION_FILES[split])
     log.debug("parsing Fashion-MNIST %s from %s", split, directory)
-    images = _read_idx(image_file, _IDX_IMAGES_MAGIC, 3)
-    labels = _read_idx(label_file, _IDX_LABELS_MAGIC, 1)
+    images = read_idx(image_file, IDX_IMAGES_MAGIC, 3)
+    labels = read_idx(label_file, IDX_LABELS_MAGIC, 1)
     if images.shape[1:] != (_FASHION_SIDE, _FASHION_SIDE):
         raise DataError(f"{image_file}: images are {images.shape[1]}x{images.shape[2]}, "
                         f"Fashion-MNIST's are {_FASHION_SIDE}x{_FASHION_SIDE}")
@@ -198,28 +187,6 @@ def _read_fashion_mnist(directory: str, split: str, stamp: tuple) -> tuple[torch
                         f"0..{len(FASHION_MNIST_CLASSES) - 1}")
     return (torch.from_numpy(images.copy()).unsqueeze(1),
             torch.from_numpy(labels.astype(np.int64)))
-
-
-def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
-    """A gzipped IDX file of unsigned bytes with `ndim` dimensions, as a uint8 array."""
-    try:
-        with gzip.open(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path} is not a readable gzip file: {error}") from error
-    header_size = 4 * (1 + ndim)
-    if len(data) < header_size:
-        raise DataError(f"{path}: {len(data)} bytes, too short for an IDX header")
-    found_magic, *shape = struct.unpack(f">{1 + ndim}I", data[:header_size])
-    if found_magic != magic:
-        raise DataError(f"{path}: IDX magic number {found_magic}, expected {magic}")
-    if ndim > 1 and 0 in shape[1:]:
-        raise DataError(f"{path}: IDX dimensions {shape} contain a zero")
-    expected = int(np.prod(shape, dtype=np.int64))
-    if len(data) - header_size != expected:
-        raise DataError(f"{path}: payload of {len(data) - header_size} bytes, the IDX header "
-                        f"{shape} announces {expected}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
 # --- digits ----------------------------------------------------------------------------
