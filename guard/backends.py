@@ -47,11 +47,15 @@ class Backend:
             raise InputError(f"frozen_rows must be an integer in [0, {len(images)}], got {frozen_rows!r}")
         if not frozen_rows and not class_token:
             return self._forward(images)
-        if not self.serves_tower_internals:
-            raise InputError(f"the frozen-tower view and the class token need the artifact directory on the torch "
-                             f"backend; the {self.name} model has its prompts folded in and returns logits and "
-                             "embeddings only")
+        self.check_internals()
         return self._forward_internals(images, frozen_rows, class_token)
+
+    def check_internals(self) -> None:
+        """InputError unless this backend serves the tower's internals."""
+        if not self.serves_tower_internals:
+            raise InputError(f"the frozen-tower view, the class token and fitted alerts need the artifact directory "
+                             f"on the torch backend; the {self.name} model has its prompts folded in and returns "
+                             "logits and embeddings only")
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

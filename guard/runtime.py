@@ -242,7 +242,7 @@ class Guard:
         frozen the class tokens of the frozen tower (the feature density's input; torch
         backend only). progress(done, total) is called after every batch."""
         backend = self._open_backend()
-        _check_tower_internals(backend)
+        backend.check_internals()
         config = density_alert(frozen)
         logits, tokens = [], []
         for resized in self._batches(inputs, batch_size, progress):
@@ -261,7 +261,7 @@ class Guard:
         if alert is not None:
             kind = self._alert_kind(alert)
             if kind.needs_tower_internals(alert):
-                _check_tower_internals(backend)
+                backend.check_internals()
             kind.ready()
         logits, scores = [], []
         for resized in self._batches(inputs, batch_size, progress):
@@ -341,27 +341,6 @@ class Guard:
         if backend is None:
             raise ClosedError("this Guard was closed; call guard.load() again to classify")
         return backend
-
-
-def _check_tower_internals(backend: Backend) -> None:
-    if not backend.serves_tower_internals:
-        raise InputError(f"the frozen-tower view, the class token and fitted alerts need the artifact directory on "
-                         f"the torch backend; the {backend.name} model has its prompts folded in and returns logits "
-                         "and embeddings only")
-
-
-def alert_config_of(manifest: Manifest | dict) -> AlertConfig:
-    """The alert config a manifest or sidecar records; the uncalibrated default when it has none."""
-    if isinstance(manifest, Manifest):
-        return manifest.alert_config
-    recorded = manifest.get("alert")
-    if recorded is None:
-        return AlertConfig()
-    try:
-        return AlertConfig.from_dict(recorded)
-    except InputError as error:
-        raise ArtifactError(f"the alert entry of the manifest is unusable ({error}); re-run "
-                            "`python -m guard calibrate`") from error
 
 
 def _run_in_pieces(backend: Backend, images: torch.Tensor, frozen_rows: int = 0,
