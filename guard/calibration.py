@@ -106,10 +106,7 @@ def store_alert(path: str | Path, config: AlertConfig, calibration: Optional[dic
 
     document, document_path, checksum_key = model_document(path)
     kind = kind_of(config.statistic)
-    if kind.fitted_type is not None and fitted is None:
-        raise InputError(f"the {config.statistic!r} alert statistic needs a fitted {kind.fitted_type.__name__}, "
-                         "got NoneType")
-    entry, tensors = kind(config, fitted).to_manifest()
+    entry, tensors = kind(config, fitted).to_manifest()  # InputError when fitted is not what the kind fits
     directory = Path(path)
     is_artifact = model_kind(directory)[0] == "artifact"
     if tensors is not None and not is_artifact:
