@@ -41,7 +41,8 @@ from guard import console
 from guard.backends import import_tensorrt
 from guard.client import TRITON_SIDECAR_PARAMETER
 from guard.errors import ArtifactError, InputError
-from guard.runtime import alert_config_of, model_kind
+from guard.manifest import Manifest
+from guard.runtime import model_kind
 from guard.sealed import file_records, write_sealed
 from guard.sidecar import CHECKSUM_KEY, read_sidecar, sidecar_path
 
@@ -210,7 +211,7 @@ def export_triton(model_path: str | Path, out: str | Path, *, name: str = "clip_
         else:
             target = _copy_compiled(model_path, kind, version_dir)
         sidecar = read_sidecar(target, kind)
-        perturbations = alert_config_of(sidecar).num_perturbations
+        perturbations = Manifest.from_document(sidecar, sidecar_path(target)).alert_config.num_perturbations
         if max_batch < 1 + perturbations:
             raise InputError(f"--max-batch {max_batch} is smaller than the {1 + perturbations} rows one image "
                              f"needs with its alert (1 + {perturbations} perturbations)")

@@ -25,10 +25,11 @@ import torch
 from . import __version__
 from .alert_kinds import DENSITY_FILE, DETECTOR_FILE, fitted_files  # noqa: F401 (the built-in kinds' files)
 from .errors import ArtifactError
+from .manifest import ARTIFACT_FORMAT
 from .preprocess import Preprocess
 from .sealed import file_records, read_sealed, verify_files, write_sealed
 
-FORMAT = "clip-guard/purified"
+FORMAT = ARTIFACT_FORMAT
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHECKSUM_KEY = "manifest_sha256"
@@ -138,7 +139,7 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"{MANIFEST} of {directory} disagrees with its files about visual prompts")
     embeddings = tensors[CLASS_EMBEDDINGS_FILE]
     prompts = tensors.get(PROMPTS_FILE, {}).get("visual_prompts")
-    alert = manifest.get("alert")  # checked when the runtime reads it (guard.runtime.alert_config_of)
+    alert = manifest.get("alert")  # checked when the runtime reads it (guard.manifest.Manifest)
     alert_file = fitted_files().get(alert.get("statistic")) if isinstance(alert, dict) else None
     return Artifact(directory, manifest, tensors[VISUAL_FILE], prompts,
                     embeddings["text_features"], float(embeddings["logit_scale"]), tensors.get(alert_file))

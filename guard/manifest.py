@@ -21,7 +21,7 @@ from .alerts import AlertConfig
 from .errors import ArtifactError, InputError
 from .preprocess import Preprocess
 
-ARTIFACT_FORMAT = "clip-guard/purified"  # guard.artifact.FORMAT (that module builds on this one)
+ARTIFACT_FORMAT = "clip-guard/purified"  # the one definition; guard.artifact.FORMAT names it
 CHECKSUM_KEYS = ("manifest_sha256", "sidecar_sha256")
 _REMEDY = {"artifact": "re-create the artifact or restore it from a copy", "compiled": "re-run the export"}
 
