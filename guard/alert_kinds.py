@@ -99,6 +99,7 @@ class AlertKind:
     fitted_type: ClassVar[Optional[type]] = None  # what fit() learns; None: nothing
     fitted_file: ClassVar[Optional[str]] = None   # the artifact file that keeps it
     reads_class_token: ClassVar[bool] = False
+    calibration_images: ClassVar[int] = 2000      # how many clean images calibration uses by default
 
     def __init__(self, config: AlertConfig, fitted=None):
         expected = self.fitted_type or type(None)
@@ -163,7 +164,7 @@ class AlertKind:
         """InputError when the kind needs a fitted state it does not have."""
         if self.fitted_type is not None and self.fitted is None:
             raise InputError(f"this model has no fitted {self.name}: calibrate it with "
-                             f"`python -m guard calibrate MODEL --data DATA --statistic {self.name}`")
+                             f"`python -m guard calibrate MODEL --data DIR --statistic {self.name}`")
 
 
 class Resistivity(AlertKind):
@@ -238,6 +239,7 @@ class Detector(AlertKind):
     DetectorConfig under FitData.options["detector"]); the threshold comes from the rest."""
     fitted_type = InputDetector
     fitted_file = DETECTOR_FILE
+    calibration_images = 4000  # it trains on half and needs about 2,000 (docs/detection.md)
 
     @classmethod
     def check(cls, config: AlertConfig) -> None:

@@ -16,8 +16,8 @@ makes its parser with `_subparser` and `set_defaults(run=run_NAME)`, and list
 `add_NAME` in SUBCOMMANDS. Raise clip-guard's typed errors; console.run turns them into
 the exit codes above.
 
-guard never imports training/ or export/: the built-in data sets reach `calibrate` as image
-folders (`python -m training.calibrate` writes and uses one), never through training.data.
+guard never imports training/ or export/: the built-in data sets reach calibration through
+`python -m training.calibrate`, which reads them and calls `calibrate_from` with its images.
 """
 from __future__ import annotations
 
@@ -338,7 +338,7 @@ def add_calibrate(commands) -> None:
                         "the target false-alarm rate (the (1 - fpr) quantile of their scores), with the\n"
                         "calibration statistics, in the artifact's manifest or the compiled model's\n"
                         "sidecar. Use images the model was not purified on. Nothing is written when\n"
-                        "an image cannot be read. A built-in data set (fashion-mnist, digits):\n"
+                        "an image cannot be read. A built-in data set (fashion-mnist, digits, scenes):\n"
                         "`python -m training.calibrate`, which takes the same options.")
     parser.add_argument("model", metavar="PURIFIED", help="purified artifact directory or compiled model")
     parser.add_argument("--data", required=True, metavar="DIR",
@@ -407,9 +407,7 @@ def calibrate_from(args, read_images) -> int:
     detector = DetectorConfig(**{name: value for name, value in (
         ("families", args.detector_families and tuple(args.detector_families.split(","))),
         ("steps", args.detector_steps)) if value is not None})
-    # a fitted kind trains on half the images (the detector needs about 2,000, docs/detection.md)
-    fits = kind_of((config or current).statistic).fitted_type is not None
-    limit = args.limit or (4000 if fits and (config or current).statistic == "detector" else 2000)
+    limit = args.limit or kind_of((config or current).statistic).calibration_images
     images, description, labels = read_images(limit, manifest.classes)
     log.info("calibrating %s on %d images of %s", args.model, len(images), description)
     record = calibrate(args.model, images, args.fpr, data=description, backend=args.backend, device=args.device,

@@ -3,10 +3,9 @@
     python -m training.calibrate PURIFIED --data fashion-mnist [--split train] [guard calibrate's options]
 
 `python -m guard calibrate` reads image folders only (guard never imports training/);
-this command brings the training data sets (fashion-mnist, digits, scenes, or an image
-folder of one sub-folder per class) to it: a seeded choice of `--limit` images with their
-labels (which the feature density fits on), then the same calibration, options and
-output as `python -m guard calibrate`.
+this command brings the built-in data sets (fashion-mnist, digits, scenes) to it: a
+seeded choice of `--limit` images with their labels (which the feature density fits on),
+then the same calibration, options and output as `python -m guard calibrate`.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import torch
 from guard import cli, console
 from guard.errors import DataError
 
-from .data import load_dataset
+from .data import BUILTIN_SOURCES, load_dataset
 
 
 def dataset_images(data: str, split: str, limit: int, seed: int,
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=console.EPILOG)
     parser.add_argument("model", metavar="PURIFIED", help="purified artifact directory or compiled model")
-    parser.add_argument("--data", required=True, help="fashion-mnist, digits or scenes")
+    parser.add_argument("--data", required=True, help=", ".join(BUILTIN_SOURCES))
     parser.add_argument("--split", choices=("train", "test"), default="train", help="split of the data set (train)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug messages on stderr")
     cli.add_calibration_options(parser)
