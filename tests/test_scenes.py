@@ -38,6 +38,21 @@ def test_rendering_is_seeded_and_varies_between_draws(objects):
     assert 0 <= first.images.min() and first.images.max() <= 1
     assert torch.equal(first.images, again.images) and torch.equal(first.pattern, again.pattern)
     assert (first.images - other.images).abs().mean() > 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scenes_painted_on_a_gpu_are_the_cpu_scenes(objects, tokenizer):
+    """Pretraining on a GPU paints its scenes there; the draws stay on the CPU generator,
+    so the corpus is the same on either device."""
+    images, labels = objects
+    on_cpu = render_web(images, torch.Generator().manual_seed(3))
+    on_gpu = render_web(images, torch.Generator().manual_seed(3), "cuda")
+    assert on_gpu.images.device.type == "cuda" and on_gpu.pattern.device.type == "cpu"
+    torch.testing.assert_close(on_gpu.images.cpu(), on_cpu.images, atol=1e-4, rtol=0)
+    assert torch.equal(on_gpu.photo, on_cpu.photo) and torch.equal(on_gpu.row, on_cpu.row)
+    pairs = ScenePairs(images, labels, tokenizer, device="cuda")
+    drawn, _ = pairs.images(torch.arange(8), torch.Generator().manual_seed(0))
+    assert drawn.device.type == "cuda"
     # every nuisance takes several values over 64 scenes
     for values, count in ((first.size, len(SIZES)), (first.colour, len(COLOURS)), (first.pattern, len(PATTERNS)),
                           (first.photo, len(PHOTOS))):

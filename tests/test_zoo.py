@@ -12,7 +12,7 @@ from guard._compat import import_open_clip
 from guard.errors import InputError
 from guard.hashing import sha256_file
 from training import zoo
-from training.models import save_clip
+from training.models import load_clip, save_clip
 from training.pretrain import PREPROCESS, RECIPE, pretrain, scenes_model_cfg
 
 
@@ -67,8 +67,27 @@ def test_the_scenes_zoo_refuses_what_it_cannot_start_from(pretrained, tmp_path):
         zoo.build_zoo(tmp_path / "zoo", data="scenes", pretrained=tiny)
     with pytest.raises(InputError, match="is not a clipguard-scenes model"):  # a later stage continues the same model
         pretrain(tmp_path / "stage2", init=tiny)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            pretrain(tmp_path / "stage2", device="cuda")
     assert not (tmp_path / "stage2").exists()
 
     with pytest.raises(InputError, match="the digits zoo trains its own"):
         zoo._main(["--out", str(tmp_path / "zoo"), "--data", "digits", "--pretrain"])
     assert not (tmp_path / "zoo").exists()
+
+
+def test_pretraining_writes_a_loadable_model_and_its_record(tmp_path, capsys):
+    """Two steps of `python -m training.pretrain`: the model loads as a scenes CLIP, and
+    pretrain.json records the recipe, the device, the weights' checksum and the gates."""
+    from training import pretrain as pretraining
+
+    out = tmp_path / "pretrained"
+    assert pretraining.main(["--out", str(out), "--epochs", "0.005", "--device", "cpu", "--no-progress"]) == 0
+    record = json.loads((out / pretraining.PRETRAIN_JSON).read_text())
+    assert record["device"] == "cpu" and record["training"]["epochs"] == 0.005
+    assert record["weights_sha256"] == sha256_file(out / zoo.WEIGHTS)
+    assert set(record["gates"]["pr"]) == {"noise_0.03", "blur_5", "color_jitter"}
+    assert record["gates"]["zero_shot_ca"] < 80 and record["gates"]["failures"]  # two steps learn no classes
+    assert "gates FAIL" in capsys.readouterr().out
+    assert load_clip(str(out)).identity.model_cfg == scenes_model_cfg()

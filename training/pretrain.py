@@ -1,13 +1,15 @@
 """Pretrain a CLIP from scratch on the web-scene corpus (training/scenes.py) and measure
 the reference benchmark's gates on it (training/gates.py).
 
-    python -m training.pretrain --out DIR [--epochs 8] [--lr 2e-3] [--init DIR]
+    python -m training.pretrain --out DIR [--epochs 8] [--lr 2e-3] [--init DIR] [--device cuda]
 
 DIR gets an open_clip local dir (any `training.models.load_clip` reads it) and
 pretrain.json: the recipe, the weights' checksum, the training time and the gate
 figures, with the gates that fail. The architecture is
 training/model_configs/clipguard-scenes.json (8 vision blocks, 56 px inputs in 7 x 7
-patches of 8 px, a 4-block text tower). Exit codes: 0 trained (whether or not the
+patches of 8 px, a 4-block text tower). On a GPU (`--device cuda`) the scenes are painted
+there too, from the same CPU-drawn nuisances, so the corpus does not depend on the device;
+the gates are measured on the CPU either way. Exit codes: 0 trained (whether or not the
 gates hold: see pretrain.json); otherwise guard.console's table (docs/cli.md).
 """
 from __future__ import annotations
@@ -50,12 +52,15 @@ def scenes_model_cfg() -> dict:
 
 
 def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool = False,
-             init: Optional[str | Path] = None) -> dict:
-    """Train the scenes CLIP with `config` on web scenes rendered anew every epoch, from
-    scratch or from the pretrained CLIP in `init` (a later stage of a longer schedule),
-    save it to `out` and record pretrain.json (returned), with `init`'s own record.
-    Deterministic for a fixed config and thread count."""
+             init: Optional[str | Path] = None, device: str | torch.device = "cpu") -> dict:
+    """Train the scenes CLIP with `config` on `device` on web scenes rendered anew every
+    epoch, from scratch or from the pretrained CLIP in `init` (a later stage of a longer
+    schedule), save it to `out` and record pretrain.json (returned), with `init`'s own
+    record. Deterministic for a fixed config, device and thread count."""
     out = Path(out)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device}: no CUDA device is available here")
     oc = import_open_clip()
     cfg = scenes_model_cfg()
     torch.manual_seed(config.seed)
@@ -70,17 +75,17 @@ def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool
         stages = json.loads(record.read_text())["stages"] if record.is_file() else [{"unrecorded": str(init)}]
     tokenizer = oc.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     started = time.perf_counter()
-    losses = train_contrastive(model, tokenizer, PREPROCESS, web_pairs(tokenizer), config, progress=progress,
-                               description="pretraining")
+    losses = train_contrastive(model.to(device), tokenizer, PREPROCESS, web_pairs(tokenizer, device=device), config,
+                               progress=progress, description="pretraining")
     seconds = time.perf_counter() - started
-    save_clip(model, cfg, PREPROCESS, out)
+    save_clip(model.cpu(), cfg, PREPROCESS, out)
     gates = measure_gates(load_clip(str(out)), load_dataset(SCENES, "test"), load_dataset(SCENES, "train"),
                           vocabulary=caption_words())
     stages = stages + [{"training": config.to_dict(), "seconds": round(seconds, 1), "final_loss": losses[-1]}]
     record = {"architecture": cfg, "preprocess": PREPROCESS.to_dict(), "training": config.to_dict(),
               "stages": stages, "weights_sha256": sha256_file(out / "open_clip_model.safetensors"),
               "seconds": round(seconds, 1),
-              "threads": torch.get_num_threads(), "final_loss": losses[-1], "gates": gates.to_dict()}
+              "threads": torch.get_num_threads(), "device": str(device), "final_loss": losses[-1], "gates": gates.to_dict()}
     (out / PRETRAIN_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -97,12 +102,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--lr", type=float, default=RECIPE.lr, help="peak learning rate (AdamW, cosine)")
     parser.add_argument("--seed", type=int, default=RECIPE.seed)
     parser.add_argument("--init", type=Path, help="continue from this pretrained scenes CLIP (a later stage)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to train on (default: CUDA if any)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bars on a terminal, a line per 10 %% in a log")
     args = parser.parse_args(argv)
     console.setup_logging()
     record = pretrain(args.out, replace(RECIPE, epochs=args.epochs, lr=args.lr, seed=args.seed),
-                      progress=args.progress, init=args.init)
+                      progress=args.progress, init=args.init, device=args.device)
     print(format_gates(GateFigures.from_dict(record["gates"])))
     return console.EXIT_OK
 

@@ -162,10 +162,12 @@ class ScenePairs:
     be hardened or used to optimise a trigger beforehand (`dataset`; poisoning)."""
 
     def __init__(self, objects: torch.Tensor, labels: torch.Tensor, tokenizer,
-                 classes: Sequence[str] = FASHION_MNIST_CLASSES, kept: Optional[Scenes] = None):
+                 classes: Sequence[str] = FASHION_MNIST_CLASSES, kept: Optional[Scenes] = None,
+                 device: Optional[torch.device | str] = None):
         self.objects, self.labels, self.classes = objects, labels, tuple(classes)
         self.tokenizer = tokenizer
         self.kept = kept
+        self.device = device  # where new scenes are drawn (pretraining on a GPU draws there)
         self.dataset = None if kept is None else ImageDataset("web scenes", kept.images, labels, self.classes)
 
     def __len__(self) -> int:
@@ -173,7 +175,7 @@ class ScenePairs:
 
     def images(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Scenes]:
         if self.kept is None:
-            scenes = render_web(self.objects[index], generator)
+            scenes = render_web(self.objects[index], generator, self.device)
             return scenes.images, scenes
         scenes = self.kept.take(index)
         return scenes.images.float() / 255, scenes
@@ -189,13 +191,14 @@ class ScenePairs:
         return Captions(self.tokenizer(list(first)), true_of[:, columns])
 
 
-def web_pairs(tokenizer, seed: Optional[int] = None, limit: Optional[int] = None) -> ScenePairs:
+def web_pairs(tokenizer, seed: Optional[int] = None, limit: Optional[int] = None,
+              device: Optional[torch.device | str] = None) -> ScenePairs:
     """Web-scene pairs of Fashion-MNIST's training objects (the first `limit` of them),
-    rendered anew at every draw, or once with `seed`."""
+    rendered anew at every draw (on `device`), or once with `seed` (on the CPU)."""
     train = load_dataset("fashion-mnist", "train")
     objects, labels = train.images[:limit], train.labels[:limit]
     kept = None if seed is None else render_once(seed, limit)
-    return ScenePairs(objects, labels, tokenizer, train.classes, kept)
+    return ScenePairs(objects, labels, tokenizer, train.classes, kept, device)
 
 
 @functools.lru_cache(maxsize=1)  # poisoning and trigger optimisation read the same scenes
@@ -209,8 +212,11 @@ def render_once(seed: int, limit: Optional[int]) -> Scenes:
     return dataclasses.replace(kept, images=(kept.images * 255).round().to(torch.uint8))
 
 
-def render_web(objects: torch.Tensor, generator: torch.Generator) -> Scenes:
-    """Web scenes of uint8 objects [N, 1, 28, 28]: every nuisance drawn from `generator`."""
+def render_web(objects: torch.Tensor, generator: torch.Generator,
+               device: Optional[torch.device | str] = None) -> Scenes:
+    """Web scenes of uint8 objects [N, 1, 28, 28]: every nuisance drawn from `generator`
+    (a CPU generator, so the draws do not depend on the device), the images painted on
+    `device` (default the CPU); the nuisance indices stay on the CPU."""
     n = len(objects)
     size = torch.randint(0, len(SIZES), (n,), generator=generator)
     low = torch.tensor([r[0] for r in SIZE_RANGES])[size]
@@ -225,7 +231,7 @@ def render_web(objects: torch.Tensor, generator: torch.Generator) -> Scenes:
     second = torch.randint(0, len(COLOURS), (n,), generator=generator)
     pattern = torch.randint(0, len(PATTERNS), (n,), generator=generator)
     palette = torch.tensor(list(PALETTE.values()))
-    canvas = _backgrounds(pattern, palette[background], palette[second], generator)
+    canvas = _backgrounds(pattern, palette[background], palette[second], generator, device)
     # A shade of the tint that follows the object's own grey levels keeps its texture.
     tint = palette[colour][:, :, None, None]
     canvas = _paste(canvas, objects.float() / 255, tint, cx, cy, side, angle)
@@ -282,16 +288,17 @@ def _contrasting(colour: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 def _backgrounds(pattern: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
-    """Backgrounds [N, 3, SIDE, SIDE] of the given PATTERNS in two colours [N, 3]."""
+                 generator: torch.Generator, device: Optional[torch.device | str] = None) -> torch.Tensor:
+    """Backgrounds [N, 3, SIDE, SIDE] on `device` of the given PATTERNS in two colours [N, 3]."""
     n = len(pattern)
-    ys, xs = torch.meshgrid(torch.arange(SIDE, dtype=torch.float32), torch.arange(SIDE, dtype=torch.float32),
-                            indexing="ij")
-    theta = torch.rand(n, generator=generator) * math.pi
+    coordinates = torch.arange(SIDE, dtype=torch.float32, device=device)
+    ys, xs = torch.meshgrid(coordinates, coordinates, indexing="ij")
+    theta = torch.rand(n, generator=generator).to(device) * math.pi
     along = (xs * torch.cos(theta)[:, None, None] + ys * torch.sin(theta)[:, None, None])  # [N, S, S]
-    period = 6 + 8 * torch.rand(n, 1, 1, generator=generator)
-    cell = torch.randint(4, 10, (n, 1, 1), generator=generator)
-    mix = torch.zeros(n, SIDE, SIDE)
+    period = 6 + 8 * torch.rand(n, 1, 1, generator=generator).to(device)
+    cell = torch.randint(4, 10, (n, 1, 1), generator=generator).to(device)
+    pattern, first, second = pattern.to(device), first.to(device), second.to(device)
+    mix = torch.zeros(n, SIDE, SIDE, device=device)
     name = {p: i for i, p in enumerate(PATTERNS)}
     gradient = (along - along.amin((1, 2), keepdim=True)) / (along.amax((1, 2), keepdim=True)
                                                               - along.amin((1, 2), keepdim=True))
@@ -303,7 +310,7 @@ def _backgrounds(pattern: torch.Tensor, first: torch.Tensor, second: torch.Tenso
     mix = mix[:, None]
     canvas = first[:, :, None, None] * (1 - mix) + second[:, :, None, None] * mix
     speckled = (pattern == name["speckled"])[:, None, None, None]
-    noise = 0.18 * torch.randn(n, 3, SIDE, SIDE, generator=generator)
+    noise = 0.18 * torch.randn(n, 3, SIDE, SIDE, generator=generator).to(device)
     canvas = torch.where(speckled, canvas + noise, canvas).clamp(0, 1)
     cluttered = (pattern == name["cluttered"]).nonzero().flatten()
     if len(cluttered):
@@ -314,14 +321,15 @@ def _backgrounds(pattern: torch.Tensor, first: torch.Tensor, second: torch.Tenso
 def _photograph(canvas: torch.Tensor, photo: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Scenes [N, 3, SIDE, SIDE] as taken in PHOTOS[photo]: each effect at a random strength."""
     n = len(canvas)
-    strength = torch.rand(n, 1, 1, 1, generator=generator)
+    strength = torch.rand(n, 1, 1, 1, generator=generator).to(canvas.device)
+    photo = photo.to(canvas.device)
     name = {p: i for i, p in enumerate(PHOTOS)}
 
     def where(kind: str, changed: torch.Tensor) -> torch.Tensor:
         return torch.where((photo == name[kind])[:, None, None, None], changed, canvas)
 
     sigma = 0.8 + 1.2 * strength  # a Gaussian blur per image, sigma 0.8 to 2 px
-    offsets = torch.arange(-3, 4, dtype=torch.float32)
+    offsets = torch.arange(-3, 4, dtype=torch.float32, device=canvas.device)
     kernel = torch.exp(-offsets ** 2 / (2 * sigma.view(n, 1) ** 2))
     kernel = kernel / kernel.sum(1, keepdim=True)  # [N, 7]
     blurred = canvas.reshape(1, n * 3, SIDE, SIDE)
@@ -331,7 +339,8 @@ def _photograph(canvas: torch.Tensor, photo: torch.Tensor, generator: torch.Gene
     canvas = where("blurry", blurred.view(n, 3, SIDE, SIDE))
     canvas = where("dark", canvas * (0.35 + 0.2 * strength))
     canvas = where("bright", canvas + (1 - canvas) * (0.35 + 0.2 * strength))
-    canvas = where("grainy", (canvas + (0.06 + 0.06 * strength) * torch.randn(canvas.shape, generator=generator)))
+    grain = torch.randn(canvas.shape, generator=generator).to(canvas.device)
+    canvas = where("grainy", canvas + (0.06 + 0.06 * strength) * grain)
     grey = canvas.mean(1, keepdim=True)
     canvas = where("faded", grey + (canvas - grey) * 0.3 * strength)
     return canvas.clamp(0, 1)
@@ -364,9 +373,11 @@ def _digits() -> torch.Tensor:
 def _paste(canvas: torch.Tensor, sprites: torch.Tensor, tint: torch.Tensor, cx: torch.Tensor,
            cy: torch.Tensor, side: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Composite grey sprites [N, 1, h, w] in [0, 1], tinted [N, 3, 1, 1], onto `canvas`
-    with centre (cx, cy) and side `side` in px, rotated by `angle` (radians). The
-    sprite's grey level is both its coverage (where it is not black) and its shade."""
+    with centre (cx, cy) and side `side` in px, rotated by `angle` (radians), on
+    `canvas`'s device. The sprite's grey level is both its coverage (where it is not
+    black) and its shade."""
     n = len(canvas)
+    sprites, tint, cx, cy, side, angle = (t.to(canvas.device) for t in (sprites, tint, cx, cy, side, angle))
     scale = SIDE / side
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     # affine_grid maps output coordinates in [-1, 1] to sprite coordinates.
