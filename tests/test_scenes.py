@@ -38,6 +38,10 @@ def test_rendering_is_seeded_and_varies_between_draws(objects):
     assert 0 <= first.images.min() and first.images.max() <= 1
     assert torch.equal(first.images, again.images) and torch.equal(first.pattern, again.pattern)
     assert (first.images - other.images).abs().mean() > 0.1
+    # every nuisance takes several values over 64 scenes
+    for values, count in ((first.size, len(SIZES)), (first.colour, len(COLOURS)), (first.pattern, len(PATTERNS)),
+                          (first.photo, len(PHOTOS))):
+        assert 1 < len(values.unique()) <= count
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -53,10 +57,6 @@ def test_scenes_painted_on_a_gpu_are_the_cpu_scenes(objects, tokenizer):
     pairs = ScenePairs(images, labels, tokenizer, device="cuda")
     drawn, _ = pairs.images(torch.arange(8), torch.Generator().manual_seed(0))
     assert drawn.device.type == "cuda"
-    # every nuisance takes several values over 64 scenes
-    for values, count in ((first.size, len(SIZES)), (first.colour, len(COLOURS)), (first.pattern, len(PATTERNS)),
-                          (first.photo, len(PHOTOS))):
-        assert 1 < len(values.unique()) <= count
 
 
 def test_each_photo_effect_changes_what_its_word_says(objects):

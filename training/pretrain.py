@@ -85,7 +85,8 @@ def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool
     record = {"architecture": cfg, "preprocess": PREPROCESS.to_dict(), "training": config.to_dict(),
               "stages": stages, "weights_sha256": sha256_file(out / "open_clip_model.safetensors"),
               "seconds": round(seconds, 1),
-              "threads": torch.get_num_threads(), "device": str(device), "final_loss": losses[-1], "gates": gates.to_dict()}
+              "threads": torch.get_num_threads(), "device": str(device), "final_loss": losses[-1],
+              "gates": gates.to_dict()}
     (out / PRETRAIN_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
