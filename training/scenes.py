@@ -167,7 +167,7 @@ class ScenePairs:
         self.objects, self.labels, self.classes = objects, labels, tuple(classes)
         self.tokenizer = tokenizer
         self.kept = kept
-        self.device = device  # where new scenes are drawn (pretraining on a GPU draws there)
+        self.device = device  # where new scenes are painted (pretraining on a GPU paints there)
         self.dataset = None if kept is None else ImageDataset("web scenes", kept.images, labels, self.classes)
 
     def __len__(self) -> int:
