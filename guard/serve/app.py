@@ -80,8 +80,10 @@ class ServeConfig:
     request body; max_images: the most images in one JSON request. alerts: compute the
     trigger alert (1 + K forward rows per image) or classify only. threads: the pool that
     decodes images. shutdown_timeout: seconds to let in-flight requests finish on SIGTERM.
-    torch_threads: torch's intra-op threads, set for the whole process when the model has
-    loaded; None: torch's default on the torch backend, 1 on the others, whose engines have
+    torch_threads: torch's intra-op threads, set for the whole process before the model
+    loads (what loading computes, such as the class embeddings, rounds differently with
+    other thread counts); None: torch's default on the torch backend, 1 on the others
+    once the model has loaded, whose engines have
     their own thread pool. There the torch work around the engine (resizing, the alert's
     perturbations and score) is small, and two pools spin-waiting on the same cores made
     one onnxruntime call of the tiny model take 60 ms instead of 2 (docs/serving.md)."""
@@ -158,8 +160,13 @@ class GuardService:
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="guard-load")
 
     async def _load(self) -> None:
+        def load() -> Guard:
+            if self.config.torch_threads is not None:  # set in the loading thread: OpenMP keeps the count per thread
+                torch.set_num_threads(self.config.torch_threads)
+            return self._loader()
+
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._loader)
+            model = await asyncio.get_running_loop().run_in_executor(self._decode_pool, load)
         except Exception as error:  # noqa: BLE001 - reported by /healthz, and to on_load_error (the CLI exits)
             self.load_error = error
             log.error("the model did not load: %s", error)
