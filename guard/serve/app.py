@@ -83,9 +83,10 @@ class ServeConfig:
     torch_threads: torch's intra-op threads, set for the whole process before the model
     loads (loading folds the prompts into attention keys and values, which round
     differently with other thread counts); None: torch's default on the torch backend, 1
-    on the others once the model has loaded, whose engines have their own thread pool. There the torch work around the engine (resizing, the alert's
-    perturbations and score) is small, and two pools spin-waiting on the same cores made
-    one onnxruntime call of the tiny model take 60 ms instead of 2 (docs/serving.md)."""
+    on the others once the model has loaded, whose engines have their own thread pool.
+    There the torch work around the engine (resizing, the alert's perturbations and score)
+    is small, and two pools spin-waiting on the same cores made one onnxruntime call of
+    the tiny model take 60 ms instead of 2 (docs/serving.md)."""
     max_batch: int = 32
     max_wait_ms: float = 0.0
     batching: bool = True
