@@ -114,7 +114,7 @@ def add_classify(commands) -> None:
 def run_classify(args) -> int:
     import guard
 
-    _check_device(args.device)
+    check_device(args.device)
     if not Path(args.model).exists():
         raise ArtifactError(f"{args.model}: no such artifact directory or compiled model")
     with guard.load(args.model, backend=args.backend, device=args.device) as model:
@@ -161,7 +161,8 @@ def classify_each(model, images: Sequence, batch_size: int, alerts: bool = True)
     return outcomes
 
 
-def _check_device(device: str | None) -> None:
+def check_device(device: str | None) -> None:
+    """InputError when `device` names CUDA and there is none (every --device option's check)."""
     if device is None or not device.startswith("cuda"):
         return
     import torch
@@ -387,7 +388,7 @@ def calibrate_from(args, read_images) -> int:
     from .detector import DetectorConfig
     from .manifest import Manifest
 
-    _check_device(args.device)
+    check_device(args.device)
     if not 0.0 < args.fpr < 1.0:
         raise InputError(f"--fpr must lie in (0, 1), got {args.fpr}")
     if not Path(args.model).exists():
@@ -510,7 +511,7 @@ def add_serve(commands) -> None:
 def run_serve(args) -> int:
     from .serve import ServeConfig, serve  # MissingDependencyError without the serve extra
 
-    _check_device(args.device)
+    check_device(args.device)
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
                          max_body_bytes=args.max_body_bytes, max_images=args.max_images, alerts=not args.no_alerts,
                          threads=args.threads, shutdown_timeout=args.shutdown_timeout,

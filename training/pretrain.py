@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from guard import console
+from guard import cli, console
 from guard._compat import import_open_clip
 from guard.errors import InputError
 from guard.hashing import sha256_file
@@ -58,9 +58,8 @@ def pretrain(out: str | Path, config: ContrastiveConfig = RECIPE, progress: bool
     schedule), save it to `out` and record pretrain.json (returned), with `init`'s own
     record. Deterministic for a fixed config, device and thread count."""
     out = Path(out)
+    cli.check_device(str(device))
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device}: no CUDA device is available here")
     oc = import_open_clip()
     cfg = scenes_model_cfg()
     torch.manual_seed(config.seed)
