@@ -38,10 +38,10 @@ def test_rendering_is_seeded_and_varies_between_draws(objects):
     assert 0 <= first.images.min() and first.images.max() <= 1
     assert torch.equal(first.images, again.images) and torch.equal(first.pattern, again.pattern)
     assert (first.images - other.images).abs().mean() > 0.1
-    # every nuisance takes several values over 64 scenes
+    # every nuisance takes several values over 64 scenes, each an index into its word list
     for values, count in ((first.size, len(SIZES)), (first.colour, len(COLOURS)), (first.pattern, len(PATTERNS)),
                           (first.photo, len(PHOTOS))):
-        assert 1 < len(values.unique()) <= count
+        assert len(values.unique()) > 1 and 0 <= values.min() and values.max() < count
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

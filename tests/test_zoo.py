@@ -13,7 +13,8 @@ from guard.errors import InputError
 from guard.hashing import sha256_file
 from training import zoo
 from training.models import load_clip, save_clip
-from training.pretrain import PREPROCESS, RECIPE, pretrain, scenes_model_cfg
+from training.pretrain import PREPROCESS, PRETRAIN_JSON, RECIPE, pretrain, scenes_model_cfg
+from training.pretrain import main as pretrain_main
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +81,9 @@ def test_the_scenes_zoo_refuses_what_it_cannot_start_from(pretrained, tmp_path):
 def test_pretraining_writes_a_loadable_model_and_its_record(tmp_path, capsys):
     """Two steps of `python -m training.pretrain`: the model loads as a scenes CLIP, and
     pretrain.json records the recipe, the device, the weights' checksum and the gates."""
-    from training import pretrain as pretraining
-
     out = tmp_path / "pretrained"
-    assert pretraining.main(["--out", str(out), "--epochs", "0.005", "--device", "cpu", "--no-progress"]) == 0
-    record = json.loads((out / pretraining.PRETRAIN_JSON).read_text())
+    assert pretrain_main(["--out", str(out), "--epochs", "0.005", "--device", "cpu", "--no-progress"]) == 0
+    record = json.loads((out / PRETRAIN_JSON).read_text())
     assert record["device"] == "cpu" and record["training"]["epochs"] == 0.005
     assert record["weights_sha256"] == sha256_file(out / zoo.WEIGHTS)
     assert set(record["gates"]["pr"]) == {"noise_0.03", "blur_5", "color_jitter"}
